@@ -1,0 +1,443 @@
+"""Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained with DDPM on MNIST, sampled with
+classifier-free guidance (CFG) by DDPM (ancestral) or DDIM.
+
+    python dit_ddpm.py --epochs 10 --device cuda               # reference config (384 wide, 12 deep), GPU
+    python dit_ddpm.py --hidden-size 128 --depth 4 --num-heads 4 --epochs 3 --lr 1e-3   # CPU-sized
+    python dit_ddpm.py --sample-only --ckpt runs/dit_ddpm/ckpt.pt --num-samples 1000 --cfg-scales 3
+
+Writes to --out-dir (default runs/dit_ddpm): per epoch one grid per CFG scale (grid_eNNN_cfgS.png,
+row = class 0..9), a GIF of the reverse process (denoise_eNNN.gif) and ckpt.pt; at the end
+loss.csv and loss.png; with --num-samples N also samples.npz (x in [0, 1], labels y) for evaluate.py.
+
+Guidance: eps = eps_null + s * (eps_cond - eps_null), so s = 0 is unconditional, s = 1 plain conditional.
+"""
+import argparse
+import copy
+import math
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (UsageError, atomic_save, die, format_time, load_checkpoint, load_dataset, pick_device,
+                    pos_embed_2d, rng_state, save_gif, save_grid, save_loss_plot, seed_everything, set_rng_state,
+                    timestep_embedding)
+
+SCRIPT = "dit_ddpm"
+DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
+# the model and training recipe come from the checkpoint on --resume / --sample-only
+RECIPE = ["dataset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "timesteps", "batch_size",
+          "lr", "weight_decay", "warmup_steps", "ema_decay", "label_dropout", "grad_clip", "seed"]
+
+
+# ----------------------------------------------------------------------------- config
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--seed", type=int, default=0)
+    # model
+    p.add_argument("--hidden-size", type=int, default=384)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--num-heads", type=int, default=6)
+    p.add_argument("--patch-size", type=int, default=4)
+    p.add_argument("--mlp-ratio", type=float, default=4.0)
+    # diffusion
+    p.add_argument("--timesteps", type=int, default=400)
+    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class in training")
+    # training
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--resume", default="", help="continue training from this checkpoint")
+    # sampling
+    p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
+    p.add_argument("--ckpt", default="")
+    p.add_argument("--sampler", default="ddim", help="ddpm (ancestral, all steps) | ddim")
+    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
+    p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
+    p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
+    args = p.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(a):
+    """Every out-of-range flag is a UsageError (one line, exit 2) before anything is written."""
+    if a.dataset not in DATA_SHAPES:
+        raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
+    if a.sampler not in ("ddpm", "ddim"):
+        raise UsageError(f"unknown --sampler '{a.sampler}' (choose ddpm or ddim)")
+    for name in ("hidden_size", "depth", "num_heads", "patch_size", "timesteps", "epochs", "batch_size",
+                 "sample_steps", "log_every"):
+        if getattr(a, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
+    for name in ("max_steps", "num_samples", "warmup_steps", "weight_decay", "grad_clip", "eta"):
+        if getattr(a, name) < 0:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
+    if not (a.lr > 0 and math.isfinite(a.lr)):
+        raise UsageError(f"--lr must be a positive number (got {a.lr})")
+    if a.mlp_ratio <= 0:
+        raise UsageError(f"--mlp-ratio must be > 0 (got {a.mlp_ratio})")
+    if not (0 <= a.label_dropout < 1) or not (0 <= a.ema_decay < 1):
+        raise UsageError("--label-dropout and --ema-decay must be in [0, 1)")
+    if any(not math.isfinite(s) or s < 0 for s in a.cfg_scales):
+        raise UsageError(f"--cfg-scales must be finite and >= 0 (got {a.cfg_scales})")
+    if a.hidden_size % a.num_heads:
+        raise UsageError(f"--hidden-size {a.hidden_size} is not divisible by --num-heads {a.num_heads}")
+    if a.hidden_size % 4:
+        raise UsageError(f"--hidden-size must be a multiple of 4 (2-D sin-cos position table), got {a.hidden_size}")
+    size = DATA_SHAPES[a.dataset][1]
+    if size % a.patch_size:
+        raise UsageError(f"--patch-size {a.patch_size} does not divide the image size {size}")
+    if a.sample_steps > a.timesteps:
+        raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
+    if a.sample_only and not a.ckpt:
+        raise UsageError("--sample-only needs --ckpt PATH")
+
+
+# ----------------------------------------------------------------------------- model
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D) with per-sample (N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: one qkv projection, heads split by hand, SDPA for the core."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # (N, T, D)
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, Dh)
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √Dh) v, flash kernels on GPU
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block whose LayerNorms are shifted, scaled and gated by the condition (adaLN-Zero)."""
+
+    def __init__(self, dim, heads, mlp_ratio):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):  # x (N, T, D), c (N, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # 6 x (N, D)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) then a linear map from each token to its patch's pixels."""
+
+    def __init__(self, dim, patch, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.linear = nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))  # (N, T, p*p*C)
+
+
+class DiT(nn.Module):
+    """Patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify."""
+
+    def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
+                 freq_dim=256):
+        super().__init__()
+        self.channels, self.patch, self.grid, self.freq_dim = channels, patch, img_size // patch, freq_dim
+        self.num_classes = num_classes  # label `num_classes` is the null label used for CFG
+        self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        self.register_buffer("pos_embed", pos_embed_2d(dim, self.grid)[None], persistent=False)  # (1, T, D)
+        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
+        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        self.final = FinalLayer(dim, patch, channels)
+        self.init_weights()
+
+    def init_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.patch_embed.weight  # initialised like a Linear on the flattened patch
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.y_embed.weight, std=0.02)
+        for m in self.t_mlp[0::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: the modulation layers and the output layer start at zero, so every block is the
+        # identity (gates = 0) and the untrained network outputs exactly 0; training opens the gates.
+        for blk in [*self.blocks, self.final]:
+            nn.init.zeros_(blk.adaLN[-1].weight)
+            nn.init.zeros_(blk.adaLN[-1].bias)
+        nn.init.zeros_(self.final.linear.weight)
+        nn.init.zeros_(self.final.linear.bias)
+
+    def unpatchify(self, x):  # (N, T, p*p*C) -> (N, C, H, W)
+        N, g, p, C = x.shape[0], self.grid, self.patch, self.channels
+        x = x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
+        return x.reshape(N, C, g * p, g * p)
+
+    def forward(self, x, t, y):  # x (N, C, H, W), t (N,) timestep index, y (N,) label or null
+        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        c = self.t_mlp(timestep_embedding(t, self.freq_dim)) + self.y_embed(y)  # (N, D)
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.unpatchify(self.final(x, c))
+
+
+def build_model(a):
+    channels, size, classes = DATA_SHAPES[a.dataset]
+    return DiT(size, channels, a.patch_size, a.hidden_size, a.depth, a.num_heads, a.mlp_ratio, classes)
+
+
+# ----------------------------------------------------------------------------- diffusion
+class Diffusion:
+    """DDPM with a linear beta schedule and an eps-predicting model."""
+
+    def __init__(self, timesteps, beta_start=1e-4, beta_end=0.02, device="cpu"):
+        self.T = timesteps
+        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, dim=0)  # ᾱ_t = Π_{s<=t} (1 - β_s)
+        self.betas, self.abar = betas.float().to(device), abar.float().to(device)
+
+    def q_sample(self, x0, t, eps):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        return a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε  ~ q(x_t | x0)
+
+    def abar_at(self, t):  # ᾱ_{-1} = 1: the step after t = 0 is the clean image
+        return self.abar[t] if t >= 0 else torch.ones((), device=self.abar.device)
+
+    def ddpm_step(self, x, t, eps, noise):
+        """Ancestral step x_t -> x_{t-1} with the posterior variance β̃_t."""
+        beta, a, a_prev = self.betas[t], self.abar[t], self.abar_at(t - 1)
+        mean = (x - beta / (1 - a).sqrt() * eps) / (1 - beta).sqrt()  # μ = (x_t - β_t/√(1-ᾱ_t) ε) / √α_t
+        var = beta * (1 - a_prev) / (1 - a)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
+        return mean + var.sqrt() * noise
+
+    def ddim_step(self, x, t, t_prev, eps, eta, noise):
+        """DDIM step x_t -> x_{t_prev}; eta = 0 is deterministic, eta = 1 with t_prev = t-1 is DDPM."""
+        a, a_prev = self.abar[t], self.abar_at(t_prev)
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # x0 predicted from ε
+        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # σ = η √((1-ᾱ')/(1-ᾱ) (1-ᾱ/ᾱ'))
+        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+
+
+def guided_eps(model, x, t, y, scale):
+    """CFG in one batched forward: eps = eps_null + s * (eps_cond - eps_null); scale is a float or (N, 1, 1, 1)."""
+    null = torch.full_like(y, model.num_classes)
+    eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    return eps_null + scale * (eps_cond - eps_null)
+
+
+@torch.no_grad()
+def sample(model, diff, y, scale, sampler="ddim", steps=50, eta=0.0, gen=None, frames=0, amp=False):
+    """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process)."""
+    dev = y.device
+    C, S = model.channels, model.grid * model.patch
+    rand = lambda: torch.randn(len(y), C, S, S, device=dev, generator=gen)  # noqa: E731
+    x = rand()
+    ts = list(range(diff.T - 1, -1, -1)) if sampler == "ddpm" else \
+        torch.linspace(diff.T - 1, 0, steps).round().long().tolist()
+    snaps, every = [x], max(1, len(ts) // frames) if frames else 0
+    for i, t in enumerate(ts):
+        tt = torch.full((len(y),), t, device=dev, dtype=torch.long)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+            eps = guided_eps(model, x, tt, y, scale)
+        noise = rand() if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
+        if sampler == "ddpm":
+            x = diff.ddpm_step(x, t, eps, noise)
+        else:
+            x = diff.ddim_step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, noise)
+        if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
+            snaps.append(x)
+    return x.clamp(-1, 1), snaps
+
+
+# ----------------------------------------------------------------------------- training
+def lr_at(a, step, total):
+    """Linear warm-up, then cosine decay to 0 over `total` steps."""
+    if step < a.warmup_steps:
+        return a.lr * (step + 1) / a.warmup_steps
+    return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a.warmup_steps) / max(1, total - a.warmup_steps))))
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, decay):
+    """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
+    d = min(decay, (1 + step) / (10 + step))
+    e, m = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(e, m, 1 - d)  # e <- d*e + (1-d)*m
+
+
+def save_samples(a, ema, diff, dev, tag, amp):
+    """One grid per CFG scale (row = class) and a GIF of the last scale, all in one batched sampling run."""
+    classes, n = ema.num_classes, 10
+    y = torch.arange(classes, device=dev).repeat_interleave(n).repeat(len(a.cfg_scales))
+    scale = torch.tensor(a.cfg_scales, device=dev).repeat_interleave(classes * n).view(-1, 1, 1, 1)
+    gen = torch.Generator(dev).manual_seed(a.seed)  # fixed noise: grids are comparable across epochs
+    x, snaps = sample(ema, diff, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames=40, amp=amp)
+    x = (x + 1) / 2
+    for i, s in enumerate(a.cfg_scales):
+        save_grid(x[i * classes * n:(i + 1) * classes * n], os.path.join(a.out_dir, f"grid_{tag}_cfg{s:g}.png"), n)
+    save_gif([(f[-classes * n:].clamp(-1, 1) + 1) / 2 for f in snaps], os.path.join(a.out_dir, f"denoise_{tag}.gif"), n)
+
+
+def write_npz(a, ema, diff, dev, amp, chunk=500):
+    """samples.npz: num-samples images (x in [0, 1], (N, C, H, W)) with balanced labels y, first CFG scale."""
+    y_all = torch.arange(a.num_samples) % ema.num_classes
+    gen = torch.Generator(dev).manual_seed(a.seed + 1)
+    xs = [sample(ema, diff, y.to(dev), a.cfg_scales[0], a.sampler, a.sample_steps, a.eta, gen, amp=amp)[0]
+          for y in y_all.split(chunk)]
+    x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
+    path = os.path.join(a.out_dir, "samples.npz")
+    np.savez_compressed(path, x=x, y=y_all.numpy(), cfg_scale=a.cfg_scales[0], sampler=a.sampler)
+    print(f"wrote {path}: {len(x)} samples, cfg scale {a.cfg_scales[0]:g}, sampler {a.sampler}")
+
+
+def train(a, dev, model, ema, opt, diff, ckpt, data):
+    """The training loop: data on the device as uint8, shuffled per epoch by index, no host sync but logging."""
+    amp = a.amp
+    x_all, y_all = data[0].to(dev), data[1].to(dev)
+    B, N = a.batch_size, len(x_all)
+    per_epoch = N // B
+    total = a.epochs * per_epoch
+    stop_at = min(total, a.max_steps) if a.max_steps else total
+    step, log = (ckpt["step"], ckpt["loss_log"]) if ckpt else (0, [])
+    net = torch.compile(model) if a.compile else model
+    stop = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+
+    def checkpoint():
+        atomic_save({"script": SCRIPT, "model": model.state_dict(), "ema": ema.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "epoch": step // per_epoch, "args": vars(a),
+                     "rng": rng_state(), "loss_log": log}, os.path.join(a.out_dir, "ckpt.pt"))
+
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, "
+          f"{per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, device {dev}, amp {amp}")
+    loss_sum, n_sum, t0, s0, smooth = torch.zeros((), device=dev), 0, time.time(), step, None
+    while step < stop_at:
+        epoch, i = divmod(step, per_epoch)
+        perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
+        for i in range(i, per_epoch):
+            idx = perm[i * B:(i + 1) * B]
+            x0 = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
+            y = torch.where(torch.rand(B, device=dev) < a.label_dropout, model.num_classes, y_all[idx])
+            t = torch.randint(0, diff.T, (B,), device=dev)
+            eps = torch.randn_like(x0)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                pred = net(diff.q_sample(x0, t, eps), t, y)
+            loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t, y)||²
+            for g in opt.param_groups:
+                g["lr"] = lr_at(a, step, total)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
+            opt.step()
+            ema_update(ema, model, step, a.ema_decay)
+            loss_sum += loss.detach()
+            n_sum, step = n_sum + 1, step + 1
+            if step % a.log_every == 0 or step == stop_at or stop:
+                mean = loss_sum.item() / n_sum  # the only host sync
+                if not math.isfinite(mean):
+                    print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
+                          f"last good state (try a lower --lr)", file=sys.stderr)
+                    sys.exit(1)
+                smooth = mean if smooth is None else 0.9 * smooth + 0.1 * mean
+                log.append((step, mean))
+                ips = (step - s0) * B / (time.time() - t0)
+                print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {smooth:.4f} "
+                      f"img/s {ips:.0f} eta {format_time((stop_at - step) * B / ips)}", flush=True)
+                loss_sum.zero_()
+                n_sum = 0
+            if stop:
+                checkpoint()
+                print(f"interrupted at step {step}; checkpoint saved. Resume with:\n  python {SCRIPT}.py "
+                      f"--resume {a.out_dir}/ckpt.pt --out-dir {a.out_dir} --data-dir {a.data_dir} --epochs {a.epochs}")
+                return
+            if step == stop_at:
+                break
+        save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", amp)
+        checkpoint()
+    with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
+        f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
+    save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(a.out_dir, "loss.png"),
+                   f"{SCRIPT}: training loss (MSE on eps)")
+    if a.num_samples:
+        write_npz(a, ema, diff, dev, amp)
+    print(f"done: {step} steps; outputs in {a.out_dir}")
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    a = get_args(argv)
+    dev = pick_device(a.device)
+    a.amp = dev.type == "cuda" if a.amp is None else a.amp
+    ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
+    if ckpt:  # the model and the recipe are the checkpoint's; run length, sampling and paths are this command's
+        for k in RECIPE:
+            setattr(a, k, ckpt["args"][k])
+        check_args(a)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    seed_everything(a.seed)
+    model = build_model(a).to(dev)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+    if ckpt:
+        try:
+            model.load_state_dict(ckpt["model"])
+            ema.load_state_dict(ckpt["ema"])
+            if a.resume:
+                opt.load_state_dict(ckpt["opt"])
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise UsageError(f"checkpoint {a.resume or a.ckpt} does not fit this model ({str(e).splitlines()[0][:100]})")
+        if a.resume:
+            set_rng_state(ckpt["rng"])
+    diff = Diffusion(a.timesteps, device=dev)
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir)  # before anything is written
+    if data and len(data[0]) < a.batch_size:
+        raise UsageError(f"--batch-size {a.batch_size} is larger than the dataset ({len(data[0])} images)")
+    os.makedirs(a.out_dir, exist_ok=True)
+    if a.sample_only:
+        save_samples(a, ema, diff, dev, "sample", a.amp)
+        if a.num_samples:
+            write_npz(a, ema, diff, dev, a.amp)
+        print(f"wrote samples to {a.out_dir}")
+        return
+    train(a, dev, model, ema, opt, diff, ckpt, data)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        die(e)

@@ -1,0 +1,243 @@
+"""The test suite: behaviour and numbers, CPU only, offline (fake datasets come from conftest.py)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+import dit_ddpm
+
+TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20", "--sample-steps", "4",
+        "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
+
+
+def run_main(mod, argv):
+    """Run a script's main() in-process; return the exit code (0 when it returns)."""
+    try:
+        mod.main(argv)
+    except common.UsageError as e:
+        print(f"error: {e}")
+        return 2
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+# ----------------------------------------------------------------------------- common.py
+def test_timestep_embedding_values():
+    emb = common.timestep_embedding(torch.tensor([0.0, 5.0]), 8)
+    assert emb.shape == (2, 8)
+    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos(0) = 1, sin(0) = 0
+    freqs = 10000 ** (-torch.arange(4) / 4)
+    assert torch.allclose(emb[1], torch.cat([torch.cos(5 * freqs), torch.sin(5 * freqs)]), atol=1e-6)
+
+
+def test_pos_embed_2d_rows_and_columns():
+    pe = common.pos_embed_2d(16, 3)  # (9, 16): first half depends on the row only, second on the column only
+    assert pe.shape == (9, 16)
+    assert torch.equal(pe[0, :8], pe[2, :8]) and not torch.equal(pe[0, :8], pe[3, :8])
+    assert torch.equal(pe[0, 8:], pe[3, 8:]) and not torch.equal(pe[0, 8:], pe[1, 8:])
+
+
+def test_grid_and_gif(tmp_path):
+    from PIL import Image
+    x = torch.rand(20, 1, 28, 28)
+    common.save_grid(x, tmp_path / "g.png", nrow=10, scale=1)
+    assert Image.open(tmp_path / "g.png").size == (10 * 30 + 2, 2 * 30 + 2)
+    common.save_gif([x, x * 0.5], tmp_path / "a.gif", nrow=10)
+    assert Image.open(tmp_path / "a.gif").n_frames == 2
+
+
+def test_device_errors():
+    assert common.pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(common.UsageError, match="CUDA is not available"):
+            common.pick_device("cuda:3")
+    with pytest.raises(common.UsageError, match="unknown device"):
+        common.pick_device("gpu")
+
+
+# ----------------------------------------------------------------------------- dit_ddpm.py: model
+def tiny_dit(**kw):
+    torch.manual_seed(0)
+    return dit_ddpm.DiT(28, 1, patch=4, dim=32, depth=2, heads=4, **kw)
+
+
+def randomise(model):
+    """Give the zero-initialised layers random weights so outputs depend on every input."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_dit_shapes_and_zero_init():
+    m = tiny_dit()
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 399]), torch.tensor([1, 2, 10])
+    out = m(x, t, y)
+    assert out.shape == (3, 1, 28, 28)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained network outputs exactly 0
+    assert randomise(m)(x, t, y).abs().sum() > 0
+
+
+def test_unpatchify_inverts_patchify():
+    m = tiny_dit()
+    x = torch.randn(2, 1, 28, 28)
+    tokens = x.view(2, 1, 7, 4, 7, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 49, 16)  # patch-major, (N, T, p*p*C)
+    assert torch.equal(m.unpatchify(tokens), x)
+
+
+def test_attention_matches_explicit_formula():
+    torch.manual_seed(0)
+    attn = dit_ddpm.Attention(32, heads=4)
+    x = torch.randn(2, 49, 32)
+    q, k, v = attn.qkv(x).view(2, 49, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    w = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)  # softmax(QKᵀ/√d)
+    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 49, 32))
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dit_ddpm.py: diffusion
+def test_schedule_values_and_q_moments():
+    d = dit_ddpm.Diffusion(400)
+    assert torch.isclose(d.betas[0], torch.tensor(1e-4)) and torch.isclose(d.betas[-1], torch.tensor(0.02))
+    assert (d.abar[1:] < d.abar[:-1]).all() and torch.isclose(d.abar[0], torch.tensor(1 - 1e-4))
+    assert 0.01 < d.abar[-1] < 0.03  # ᾱ_T for 400 linear steps: exp(-Σβ) ≈ e^-4 ≈ 0.018
+    torch.manual_seed(0)
+    x0 = torch.full((200000, 1, 1, 1), 0.7)
+    t = torch.full((200000,), 100)
+    xt = d.q_sample(x0, t, torch.randn_like(x0))
+    a = d.abar[100]
+    assert abs(xt.mean() - a.sqrt() * 0.7) < 0.01 and abs(xt.var() - (1 - a)) < 0.01
+
+
+def test_ddim_eta1_all_steps_is_ddpm_posterior_step():
+    d = dit_ddpm.Diffusion(50)
+    torch.manual_seed(0)
+    x, eps, noise = torch.randn(3, 4, 1, 2, 2).unbind(0)
+    for t in (49, 20, 1, 0):
+        assert torch.allclose(d.ddim_step(x, t, t - 1, eps, 1.0, noise), d.ddpm_step(x, t, eps, noise), atol=1e-5)
+    m, y = randomise(tiny_dit()), torch.tensor([0, 3])  # and whole sampling runs, same noise stream
+    a, _ = dit_ddpm.sample(m, d, y, 2.0, "ddpm", gen=torch.Generator().manual_seed(5))
+    b, _ = dit_ddpm.sample(m, d, y, 2.0, "ddim", steps=50, eta=1.0, gen=torch.Generator().manual_seed(5))
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_ddim_eta0_recovers_x0_with_oracle_eps():
+    """With the true ε, the deterministic DDIM step lands exactly on q's mean at the earlier time."""
+    d = dit_ddpm.Diffusion(100)
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 1, 3, 3).unbind(0)
+    xt = d.q_sample(x0, torch.tensor([80] * 4), eps)
+    x_prev = d.ddim_step(xt, 80, 30, eps, 0.0, torch.zeros_like(x0))
+    assert torch.allclose(x_prev, d.q_sample(x0, torch.tensor([30] * 4), eps), atol=1e-5)
+    assert torch.allclose(d.ddim_step(xt, 80, -1, eps, 0.0, torch.zeros_like(x0)), x0, atol=1e-4)
+
+
+def test_cfg_scales():
+    m = randomise(tiny_dit())
+    x, t, y = torch.randn(4, 1, 28, 28), torch.tensor([3, 50, 100, 399]), torch.tensor([0, 1, 2, 9])
+    cond, null = m(x, t, y), m(x, t, torch.full_like(y, 10))
+    assert not torch.allclose(cond, null, atol=1e-4)
+    assert torch.allclose(dit_ddpm.guided_eps(m, x, t, y, 1.0), cond, atol=1e-5)  # s = 1: plain conditional
+    assert torch.allclose(dit_ddpm.guided_eps(m, x, t, y, 0.0), null, atol=1e-5)  # s = 0: unconditional
+    assert torch.allclose(dit_ddpm.guided_eps(m, x, t, y, 3.0), null + 3 * (cond - null), atol=1e-4)
+
+
+def test_tiny_dit_overfits_64_images():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 10
+    x0 = -torch.ones(64, 1, 28, 28)  # one bar per class, at a class-dependent height
+    for i, c in enumerate(y):
+        x0[i, 0, 2 + 2 * c: 5 + 2 * c, 4:24] = 1
+    m, d = tiny_dit(), dit_ddpm.Diffusion(100)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        t = torch.randint(0, 100, (64,))
+        eps = torch.randn_like(x0)
+        loss = F.mse_loss(m(d.q_sample(x0, t, eps), t, y), eps)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - 1.0) < 0.05  # zero output: the loss starts at E[ε²] = 1
+    assert np.mean(losses[-20:]) < 0.5 * losses[0]
+
+
+def test_ema_update_with_warmup():
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ema_before = [p.clone() for p in a.parameters()]
+    dit_ddpm.ema_update(a, b, step=0, decay=0.9999)  # decay at step 0 is 1/10
+    for e0, e, m in zip(ema_before, a.parameters(), b.parameters()):
+        assert torch.allclose(e, 0.1 * e0 + 0.9 * m)
+
+
+# ----------------------------------------------------------------------------- dit_ddpm.py: CLI
+def test_cli_train_resume_sample(fake_mnist, tmp_path):
+    out = str(tmp_path / "run")
+    args = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "2"]
+    assert run_main(dit_ddpm, args + ["--max-steps", "3"]) == 0
+    for f in ["grid_e001_cfg0.png", "grid_e001_cfg1.png", "grid_e001_cfg3.png", "denoise_e001.gif", "ckpt.pt",
+              "loss.csv", "loss.png"]:
+        assert os.path.isfile(os.path.join(out, f)), f
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert {"model", "ema", "opt", "step", "epoch", "args", "rng"} <= set(ck) and ck["step"] == 3
+    # resume runs on to the end of epoch 1 (256 / 16 = 16 steps) and into epoch 2
+    assert run_main(dit_ddpm, args + ["--max-steps", "20", "--resume", os.path.join(out, "ckpt.pt")]) == 0
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 20
+    assert os.path.isfile(os.path.join(out, "grid_e002_cfg3.png"))
+    assert open(os.path.join(out, "loss.csv")).read().count("\n") == 21  # header + one row a step
+    # sample-only: model sizes come from the checkpoint
+    assert run_main(dit_ddpm, ["--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--out-dir", out,
+                               "--num-samples", "12", "--cfg-scales", "2", "--sample-steps", "3",
+                               "--device", "cpu"]) == 0
+    s = np.load(os.path.join(out, "samples.npz"))
+    assert s["x"].shape == (12, 1, 28, 28) and 0 <= s["x"].min() and s["x"].max() <= 1
+    assert list(s["y"]) == [i % 10 for i in range(12)]
+
+
+def test_resume_is_bit_identical(fake_mnist, tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    base = TINY + ["--data-dir", fake_mnist, "--epochs", "2", "--sample-steps", "1", "--cfg-scales", "1"]
+    assert run_main(dit_ddpm, base + ["--out-dir", a, "--max-steps", "20"]) == 0
+    assert run_main(dit_ddpm, base + ["--out-dir", b, "--max-steps", "7"]) == 0
+    assert run_main(dit_ddpm, base + ["--out-dir", b, "--max-steps", "20", "--resume", f"{b}/ckpt.pt"]) == 0
+    wa, wb = torch.load(f"{a}/ckpt.pt", weights_only=False), torch.load(f"{b}/ckpt.pt", weights_only=False)
+    for k in wa["model"]:
+        assert torch.equal(wa["model"][k], wb["model"][k]), k
+        assert torch.equal(wa["ema"][k], wb["ema"][k]), k
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--hidden-size", "30", "--num-heads", "4"], "not divisible"),
+    (["--patch-size", "5"], "does not divide"),
+    (["--sample-steps", "50"], "above --timesteps"),
+    (["--sampler", "euler"], "unknown --sampler"),
+    (["--dataset", "imagenet"], "unknown --dataset"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--lr", "-1"], "--lr must be"),
+    (["--cfg-scales", "nan"], "--cfg-scales"),
+    (["--sample-only"], "needs --ckpt"),
+    (["--sample-only", "--ckpt", "nope.pt"], "does not exist"),
+])
+def test_bad_input_exit_2(extra, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(dit_ddpm, TINY + ["--out-dir", str(out)] + extra) == 2
+    assert words in capsys.readouterr().out
+    assert not out.exists()
+
+
+def test_missing_data_offline_is_one_line(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    empty = tmp_path / "empty"
+    assert run_main(dit_ddpm, TINY + ["--data-dir", str(empty), "--out-dir", str(tmp_path / "o")]) == 2
+    msg = capsys.readouterr().out
+    assert "MNIST/raw" in msg and "train-images-idx3-ubyte" in msg and "network" in msg
