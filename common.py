@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+import time
 
 import numpy as np
 import torch
@@ -181,6 +182,84 @@ def save_loss_plot(steps, losses, path, title="training loss", size=(640, 400)):
         d.text((m, h - m + 6), str(s0), fill="black")
         d.text((w - m - 20, h - m + 6), f"step {s1}", fill="black")
     img.save(path)
+
+
+# ----------------------------------------------------------------------------- runs: output folder, several GPUs
+OUTPUTS = ("ckpt.pt", "loss.csv", "loss.png", "samples.npz", "grid_*.png", "denoise_*.gif", "compare_*.png")
+
+
+def prepare_out_dir(out_dir, resume="", overwrite=False):
+    """Refuse to mix two runs' outputs: a folder holding another run needs --resume of its ckpt or --overwrite."""
+    import glob
+    old = sorted(f for pat in OUTPUTS for f in glob.glob(os.path.join(out_dir, pat)))
+    ckpt = os.path.join(out_dir, "ckpt.pt")
+    if old and not overwrite and not (resume and os.path.abspath(resume) == os.path.abspath(ckpt)):
+        raise UsageError(f"--out-dir {out_dir} already holds a run ({os.path.basename(old[0])}, ...): continue it "
+                         f"with --resume {ckpt}, replace it with --overwrite, or choose another --out-dir")
+    if overwrite and not resume:
+        for f in old:
+            os.remove(f)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def init_distributed(dev):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPU, gloo on CPU. Returns (rank, world, dev)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, dev
+    import torch.distributed as dist
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dist.get_rank(), world, dev
+
+
+def any_rank(flag, world, dev):
+    """True on every rank when `flag` is true on any rank (a no-op for a single process)."""
+    if world == 1:
+        return bool(flag)
+    import torch.distributed as dist
+    t = torch.tensor([float(bool(flag))], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- benchmark
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense
+
+
+def benchmark(train_step, sample_fn, batch, dev, steps=20, warmup=5):
+    """Time `train_step()` (one optimiser step on `batch` images) and `sample_fn()`; print img/s, memory, MFU."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    with FlopCounterMode(display=False) as fc:
+        train_step()
+    flops = fc.get_total_flops()  # forward + backward of one step, counted by torch
+    for _ in range(warmup):
+        train_step()
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        train_step()
+    sync()
+    dt = (time.perf_counter() - t0) / steps
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
+        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20
+    print(f"benchmark on {name}: batch {batch}, step {dt * 1e3:.1f} ms, {batch / dt:,.0f} img/s, "
+          f"{flops / batch / 1e9:.2f} GFLOP/img, {flops / dt / 1e12:.2f} TFLOP/s, "
+          f"MFU {f'{flops / dt / peak:.1%} of bf16 peak' if peak else 'n/a'}, peak memory {mem:.2f} GiB")
+    sample_fn()  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    what = sample_fn()
+    sync()
+    print(f"benchmark sampling: {what} in {time.perf_counter() - t0:.2f} s")
+    return batch / dt
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UsageError, atomic_save, die, format_time, load_checkpoint, load_dataset, pick_device,
-                    pos_embed_2d, rng_state, save_gif, save_grid, save_loss_plot, seed_everything, set_rng_state,
-                    timestep_embedding)
+from common import (UsageError, any_rank, atomic_save, benchmark, die, format_time, init_distributed,
+                    load_checkpoint, load_dataset, pick_device, pos_embed_2d, prepare_out_dir, rng_state, save_gif,
+                    save_grid, save_loss_plot, seed_everything, set_rng_state, timestep_embedding)
 
 SCRIPT = "dit_ddpm"
 DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--resume", default="", help="continue training from this checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out-dir")
+    p.add_argument("--benchmark", action="store_true", help="time training steps and sampling on random data")
     # sampling
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
@@ -322,50 +324,60 @@ def write_npz(a, ema, diff, dev, amp, chunk=500):
     print(f"wrote {path}: {len(x)} samples, cfg scale {a.cfg_scales[0]:g}, sampler {a.sampler}")
 
 
-def train(a, dev, model, ema, opt, diff, ckpt, data):
-    """The training loop: data on the device as uint8, shuffled per epoch by index, no host sync but logging."""
-    amp = a.amp
+def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
+    """One optimiser step on a batch (x0 in [-1, 1]); returns the loss as a tensor (no host sync)."""
+    y = torch.where(torch.rand(len(y), device=y.device) < a.label_dropout, model.num_classes, y)  # CFG dropout
+    t = torch.randint(0, diff.T, (len(y),), device=y.device)
+    eps = torch.randn_like(x0)
+    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        pred = net(diff.q_sample(x0, t, eps), t, y)
+    loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t, y)||²
+    for g in opt.param_groups:
+        g["lr"] = lr_at(a, step, total)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
+    opt.step()
+    ema_update(ema, model, step, a.ema_decay)
+    return loss.detach()
+
+
+def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
+    """The loop: data on the device as uint8, shuffled per epoch by index, host syncs only to log."""
     x_all, y_all = data[0].to(dev), data[1].to(dev)
     B, N = a.batch_size, len(x_all)
-    per_epoch = N // B
+    per_epoch = N // (B * world)  # every rank takes its own B images of the shared permutation
     total = a.epochs * per_epoch
     stop_at = min(total, a.max_steps) if a.max_steps else total
     step, log = (ckpt["step"], ckpt["loss_log"]) if ckpt else (0, [])
-    net = torch.compile(model) if a.compile else model
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    net = torch.compile(net) if a.compile else net
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(1))
 
     def checkpoint():
-        atomic_save({"script": SCRIPT, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "epoch": step // per_epoch, "args": vars(a),
-                     "rng": rng_state(), "loss_log": log}, os.path.join(a.out_dir, "ckpt.pt"))
+        if rank == 0:
+            atomic_save({"script": SCRIPT, "model": model.state_dict(), "ema": ema.state_dict(),
+                         "opt": opt.state_dict(), "step": step, "epoch": step // per_epoch, "args": vars(a),
+                         "rng": rng_state(), "loss_log": log}, os.path.join(a.out_dir, "ckpt.pt"))
 
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, "
-          f"{per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, device {dev}, amp {amp}")
+    say = print if rank == 0 else (lambda *_, **__: None)
+    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, {world} "
+        f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
     loss_sum, n_sum, t0, s0, smooth = torch.zeros((), device=dev), 0, time.time(), step, None
     while step < stop_at:
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
         for i in range(i, per_epoch):
-            idx = perm[i * B:(i + 1) * B]
+            idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
             x0 = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-            y = torch.where(torch.rand(B, device=dev) < a.label_dropout, model.num_classes, y_all[idx])
-            t = torch.randint(0, diff.T, (B,), device=dev)
-            eps = torch.randn_like(x0)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                pred = net(diff.q_sample(x0, t, eps), t, y)
-            loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t, y)||²
-            for g in opt.param_groups:
-                g["lr"] = lr_at(a, step, total)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
-            opt.step()
-            ema_update(ema, model, step, a.ema_decay)
-            loss_sum += loss.detach()
+            loss_sum += train_step(a, net, model, ema, opt, diff, x0, y_all[idx], step, total)
             n_sum, step = n_sum + 1, step + 1
-            if step % a.log_every == 0 or step == stop_at or stop:
+            logging = step % a.log_every == 0 or step == stop_at
+            if logging:
                 mean = loss_sum.item() / n_sum  # the only host sync
                 if not math.isfinite(mean):
                     print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
@@ -373,33 +385,50 @@ def train(a, dev, model, ema, opt, diff, ckpt, data):
                     sys.exit(1)
                 smooth = mean if smooth is None else 0.9 * smooth + 0.1 * mean
                 log.append((step, mean))
-                ips = (step - s0) * B / (time.time() - t0)
-                print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {smooth:.4f} "
-                      f"img/s {ips:.0f} eta {format_time((stop_at - step) * B / ips)}", flush=True)
+                ips = (step - s0) * B * world / (time.time() - t0)
+                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {smooth:.4f} "
+                    f"img/s {ips:.0f} eta {format_time((stop_at - step) * B * world / ips)}", flush=True)
                 loss_sum.zero_()
                 n_sum = 0
-            if stop:
+            if (logging or world == 1) and any_rank(stop, world, dev):  # all ranks stop at the same step
                 checkpoint()
-                print(f"interrupted at step {step}; checkpoint saved. Resume with:\n  python {SCRIPT}.py "
-                      f"--resume {a.out_dir}/ckpt.pt --out-dir {a.out_dir} --data-dir {a.data_dir} --epochs {a.epochs}")
+                say(f"interrupted at step {step}; checkpoint saved. Resume with:\n  python {SCRIPT}.py --resume "
+                    f"{a.out_dir}/ckpt.pt --out-dir {a.out_dir} --data-dir {a.data_dir} --epochs {a.epochs}")
                 return
             if step == stop_at:
                 break
-        save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", amp)
+        if rank == 0:
+            save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", a.amp)
         checkpoint()
-    with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
-        f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
-    save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(a.out_dir, "loss.png"),
-                   f"{SCRIPT}: training loss (MSE on eps)")
-    if a.num_samples:
-        write_npz(a, ema, diff, dev, amp)
-    print(f"done: {step} steps; outputs in {a.out_dir}")
+    if rank == 0:
+        with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
+            f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
+        save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(a.out_dir, "loss.png"),
+                       f"{SCRIPT}: training loss (MSE on eps)")
+        if a.num_samples:
+            write_npz(a, ema, diff, dev, a.amp)
+    say(f"done: {step} steps; outputs in {a.out_dir}")
+
+
+def run_benchmark(a, dev, model, ema, opt, diff):
+    """--benchmark: training steps on random data and one sampling run of 100 guided images; writes nothing."""
+    C, S, K = DATA_SHAPES[a.dataset]
+    x0, y = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1, torch.arange(a.batch_size, device=dev) % K
+    net = torch.compile(model) if a.compile else model
+    y100 = torch.arange(100, device=dev) % K
+    steps = a.sample_steps if a.sampler == "ddim" else a.timesteps
+
+    def sample_100():
+        sample(ema, diff, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, a.eta, amp=a.amp)
+        return f"100 samples, cfg {a.cfg_scales[-1]:g}, {a.sampler} {steps} steps"
+    benchmark(lambda: train_step(a, net, model, ema, opt, diff, x0, y, a.warmup_steps, 10**9), sample_100,
+              a.batch_size, dev)
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     a = get_args(argv)
-    dev = pick_device(a.device)
+    rank, world, dev = init_distributed(pick_device(a.device))
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
     if ckpt:  # the model and the recipe are the checkpoint's; run length, sampling and paths are this command's
@@ -408,7 +437,7 @@ def main(argv=None):
         check_args(a)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seed_everything(a.seed)
+    seed_everything(a.seed)  # the same initial weights on every rank
     model = build_model(a).to(dev)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
@@ -422,18 +451,29 @@ def main(argv=None):
             raise UsageError(f"checkpoint {a.resume or a.ckpt} does not fit this model ({str(e).splitlines()[0][:100]})")
         if a.resume:
             set_rng_state(ckpt["rng"])
+    if world > 1:  # each rank draws its own noise
+        torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if ckpt else 0))
     diff = Diffusion(a.timesteps, device=dev)
+    if a.benchmark:
+        return run_benchmark(a, dev, model, ema, opt, diff)
     data = None if a.sample_only else load_dataset(a.dataset, a.data_dir)  # before anything is written
-    if data and len(data[0]) < a.batch_size:
-        raise UsageError(f"--batch-size {a.batch_size} is larger than the dataset ({len(data[0])} images)")
-    os.makedirs(a.out_dir, exist_ok=True)
+    if data and len(data[0]) < a.batch_size * world:
+        raise UsageError(f"--batch-size {a.batch_size} x {world} is larger than the dataset ({len(data[0])} images)")
+    if rank == 0:
+        if a.sample_only:
+            os.makedirs(a.out_dir, exist_ok=True)
+        else:
+            prepare_out_dir(a.out_dir, a.resume, a.overwrite)
     if a.sample_only:
         save_samples(a, ema, diff, dev, "sample", a.amp)
         if a.num_samples:
             write_npz(a, ema, diff, dev, a.amp)
         print(f"wrote samples to {a.out_dir}")
         return
-    train(a, dev, model, ema, opt, diff, ckpt, data)
+    train(a, dev, model, ema, opt, diff, ckpt, data, rank, world)
+    if world > 1:  # DDP keeps the ranks' weights identical: a checksum each shows it
+        print(f"rank {rank} weights checksum {sum(p.double().sum().item() for p in model.parameters()):.12e}")
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

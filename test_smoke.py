@@ -241,3 +241,32 @@ def test_missing_data_offline_is_one_line(tmp_path, capsys, monkeypatch):
     assert run_main(dit_ddpm, TINY + ["--data-dir", str(empty), "--out-dir", str(tmp_path / "o")]) == 2
     msg = capsys.readouterr().out
     assert "MNIST/raw" in msg and "train-images-idx3-ubyte" in msg and "network" in msg
+
+
+def test_out_dir_of_another_run_is_not_mixed(fake_mnist, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2", "--sample-steps", "1"]
+    assert run_main(dit_ddpm, args) == 0
+    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
+    assert run_main(dit_ddpm, args) == 2  # a second fresh run into the same folder is refused ...
+    assert "already holds a run" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
+    os.rename(os.path.join(out, "grid_e001_cfg3.png"), os.path.join(out, "grid_e009_cfg3.png"))
+    assert run_main(dit_ddpm, args + ["--overwrite"]) == 0  # ... and --overwrite clears the old outputs first
+    assert not os.path.exists(os.path.join(out, "grid_e009_cfg3.png"))
+
+
+def test_torchrun_two_ranks_identical_weights(fake_mnist, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dit_ddpm.py",
+           *TINY, "--data-dir", fake_mnist, "--out-dir", str(out), "--max-steps", "3", "--sample-steps", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__),
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    sums = sorted(line for line in r.stdout.splitlines() if "weights checksum" in line)
+    assert len(sums) == 2 and sums[0].split()[-1] == sums[1].split()[-1], sums
+    assert r.stdout.count("done: 3 steps") == 1  # only rank 0 reports and writes
+    assert sorted(os.listdir(out)) == sorted(["ckpt.pt", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg1.png",
+                                              "grid_e001_cfg3.png", "loss.csv", "loss.png"])

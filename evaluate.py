@@ -1,0 +1,257 @@
+"""Score a samples.npz from any script in this repo against the real data: FID, class accuracy, precision
+and recall, all in the feature space of a small CNN classifier that this script trains on first use.
+
+    python evaluate.py runs/dit_ddpm/samples.npz                       # MNIST in ./data
+    python evaluate.py samples.npz --data-dir ../shared/data --cache-dir runs/evaluate_cache
+    python evaluate.py samples.npz --dataset fashion-mnist
+
+The first run per dataset trains the classifier on the training split, prints its test accuracy and caches
+it as <cache-dir>/classifier-<dataset>-<hash>.pt (default cache-dir: <data-dir>/evaluate_cache; the hash
+covers every setting that changes the weights); later runs load it. Prints one table and writes
+SAMPLES.eval.json beside SAMPLES.npz:
+  FID          Fréchet distance between Gaussians fitted to the penultimate features of the samples and
+               of the test split; lower is better
+  FID floor    the same FID for as many real training images: what a perfect generator scores at this N
+  class acc    classifier prediction == requested label y (n/a when the npz has no y)
+  precision    share of samples inside the real images' k-NN balls (k = 3, Kynkäänniemi et al. 2019)
+  recall       share of real images inside the samples' k-NN balls; both against a test subset of the same N
+"""
+import argparse
+import hashlib
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import UsageError, atomic_save, die, load_checkpoint, load_dataset, pick_device, seed_everything
+
+SCRIPT = "evaluate"
+ARCH = 1  # bump when Classifier or its training changes: cached weights under the old hash stop matching
+DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
+K = 3  # nearest neighbours for precision and recall
+
+
+# ----------------------------------------------------------------------------- config
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("samples", help="samples.npz: x float in [0, 1], (N, C, H, W); optional integer labels y")
+    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
+    p.add_argument("--data-dir", default="./data")
+    p.add_argument("--cache-dir", default="", help="classifier cache (default: <data-dir>/evaluate_cache)")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier-epochs", type=int, default=5)
+    p.add_argument("--max-train", type=int, default=0, help="train the classifier on the first N images (0: all)")
+    a = p.parse_args(argv)
+    if a.dataset not in DATA_SHAPES:
+        raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
+    if a.classifier_epochs < 1 or a.max_train < 0:
+        raise UsageError("--classifier-epochs must be >= 1 and --max-train >= 0")
+    a.cache_dir = a.cache_dir or os.path.join(a.data_dir, "evaluate_cache")
+    return a
+
+
+def load_samples(path, dataset):
+    """samples.npz -> x (N, C, H, W) float32 in [0, 1], y (N,) int64 or None, scalar metadata; every check here."""
+    if not os.path.isfile(path):
+        raise UsageError(f"samples file {path} does not exist")
+    try:
+        z = np.load(path, allow_pickle=False)
+        assert isinstance(z, np.lib.npyio.NpzFile)
+        arrays = {k: z[k] for k in z.files}
+    except Exception as e:
+        raise UsageError(f"{path} is not an .npz archive ({type(e).__name__}); expected one written by np.savez")
+    if "x" not in arrays:
+        raise UsageError(f"{path} has no 'x' array (keys: {', '.join(arrays) or 'none'})")
+    x, y = arrays["x"], arrays.get("y")
+    c, s, classes = DATA_SHAPES[dataset]
+    if x.ndim != 4 or x.shape[1:] != (c, s, s) or not np.issubdtype(x.dtype, np.number):
+        raise UsageError(f"x in {path} has shape {x.shape} and dtype {x.dtype}; {dataset} needs floats (N, {c}, {s}, {s})")
+    if len(x) < K + 1:
+        raise UsageError(f"{path} holds {len(x)} samples; need at least {K + 1} (k = {K} nearest neighbours)")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise UsageError(f"x in {path} contains NaN or inf")
+    if x.min() < 0 or x.max() > 1:
+        raise UsageError(f"x in {path} must lie in [0, 1] (found {x.min():.3g} .. {x.max():.3g}); "
+                         f"map [-1, 1] images with (x + 1) / 2")
+    if y is not None and (y.shape != (len(x),) or not np.issubdtype(y.dtype, np.integer)
+                          or y.min() < 0 or y.max() >= classes):
+        raise UsageError(f"y in {path} must be {len(x)} integer labels in 0..{classes - 1} "
+                         f"(got shape {y.shape}, dtype {y.dtype})")
+    meta = {k: v.item() for k, v in arrays.items() if k not in ("x", "y") and v.ndim == 0}
+    return torch.from_numpy(x), None if y is None else torch.from_numpy(y).long(), meta
+
+
+# ----------------------------------------------------------------------------- model
+class Classifier(nn.Module):
+    """Two conv-BN-ReLU-pool stages and an MLP head; `features` (the 128-d penultimate layer) feeds every metric."""
+
+    def __init__(self, channels=1, size=28, classes=10, width=16, feat=128):
+        super().__init__()
+        stage = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]  # noqa: E731
+        self.body = nn.Sequential(*stage(channels, width), *stage(width, 2 * width),  # (N, 2w, S/4, S/4)
+                                  nn.Flatten(), nn.Linear(2 * width * (size // 4) ** 2, feat), nn.ReLU())  # (N, feat)
+        self.head = nn.Linear(feat, classes)
+
+    def features(self, x):  # x (N, C, H, W) in [0, 1] -> (N, feat)
+        return self.body(x * 2 - 1)
+
+    def forward(self, x):
+        return self.head(self.features(x))  # (N, classes) logits
+
+
+def as_float(x):
+    """uint8 images -> floats in [0, 1]; floats pass through."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def train_classifier(model, x, y, epochs, seed, dev, batch=64, lr=2e-3, shift=2):
+    """Adam, lr decaying linearly to 0, each batch rolled by up to `shift` pixels; data is one uint8 tensor."""
+    x, y = x.to(dev), y.to(dev)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen, steps, step = torch.Generator().manual_seed(seed), epochs * -(-len(x) // batch), 0
+    model.train()
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).to(dev).split(batch):
+            for g in opt.param_groups:
+                g["lr"] = lr * (1 - step / steps)
+            xb = torch.roll(as_float(x[idx]), torch.randint(-shift, shift + 1, (2,), generator=gen).tolist(), (2, 3))
+            loss = F.cross_entropy(model(xb), y[idx])  # L = -log softmax(logits)[y]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        print(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.4f}", flush=True)
+    return model.eval()
+
+
+@torch.no_grad()
+def embed(model, x, dev, batch=1000):
+    """Images (N, C, H, W) -> penultimate features (N, F) float64 on the CPU and predicted classes (N,)."""
+    feats = [model.features(as_float(b.to(dev))) for b in x.split(batch)]
+    preds = [model.head(f).argmax(1).cpu() for f in feats]
+    return torch.cat(feats).double().cpu(), torch.cat(preds)
+
+
+def get_classifier(a, dev, train, test):
+    """The cached classifier for these settings, or a freshly trained one (test accuracy reported, then cached)."""
+    settings = {"dataset": a.dataset, "epochs": a.classifier_epochs, "seed": a.seed, "arch": ARCH,
+                "n_train": len(train[0])}
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    path = os.path.join(a.cache_dir, f"classifier-{a.dataset}-{key}.pt")
+    if os.path.isfile(path):
+        try:
+            ckpt = load_checkpoint(path, SCRIPT)
+            model = Classifier(*DATA_SHAPES[a.dataset])
+            model.load_state_dict(ckpt["model"])
+            print(f"classifier: cached {path}, test accuracy {ckpt['test_acc']:.2%}")
+            return model.to(dev).eval(), ckpt["test_acc"], path
+        except (UsageError, RuntimeError, KeyError) as e:
+            print(f"note: ignoring the cached classifier ({str(e)[:120]}); training a new one")
+    try:
+        os.makedirs(a.cache_dir, exist_ok=True)
+        assert os.access(a.cache_dir, os.W_OK)
+    except (OSError, AssertionError):
+        raise UsageError(f"cannot write the classifier cache in {a.cache_dir}; pass --cache-dir DIR (writable)")
+    print(f"training the classifier on {len(train[0])} {a.dataset} images, {a.classifier_epochs} epochs, "
+          f"device {dev}", flush=True)
+    seed_everything(a.seed)
+    t0 = time.time()
+    model = train_classifier(Classifier(*DATA_SHAPES[a.dataset]).to(dev), *train, a.classifier_epochs, a.seed, dev)
+    acc = (embed(model, test[0], dev)[1] == test[1]).double().mean().item()
+    atomic_save({"script": SCRIPT, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "args": settings,
+                 "test_acc": acc, "train_s": time.time() - t0}, path)
+    print(f"classifier: trained in {time.time() - t0:.0f}s, test accuracy {acc:.2%}, cached as {path}")
+    return model, acc, path
+
+
+# ----------------------------------------------------------------------------- metrics
+def gaussian(f):
+    """Features (N, F) -> mean (F,) and unbiased covariance (F, F)."""
+    mu = f.mean(0)
+    d = f - mu
+    return mu, d.T @ d / (len(f) - 1)  # Σ = (f - μ)ᵀ (f - μ) / (N - 1)
+
+
+def frechet_distance(mu1, s1, mu2, s2):
+    """Fréchet distance of two Gaussians in float64, with Tr((Σ1 Σ2)^½) from symmetric eigenproblems only."""
+    mu1, s1, mu2, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, s1, mu2, s2))
+    w, v = torch.linalg.eigh(s1)
+    r1 = (v * w.clamp(min=0).sqrt()) @ v.T  # √Σ1 = V diag(√w) Vᵀ
+    m = r1 @ s2 @ r1  # √Σ1 Σ2 √Σ1: symmetric PSD with the eigenvalues of Σ1 Σ2
+    tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()  # Tr((Σ1 Σ2)^½) = Σ √λ_i
+    return (((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()  # ||μ1-μ2||² + Tr(Σ1+Σ2-2(Σ1Σ2)^½)
+
+
+def fid(f1, f2):
+    """FID between two feature sets (N1, F) and (N2, F)."""
+    return frechet_distance(*gaussian(f1), *gaussian(f2))
+
+
+def knn_radii(f, k=K, chunk=1000):
+    """Radius of each point's ball: distance from each row of f (N, F) to its k-th nearest other row."""
+    return torch.cat([torch.cdist(c, f).kthvalue(k + 1, dim=1).values for c in f.split(chunk)])  # k+1: self at 0
+
+
+def in_manifold(query, ref, radii, chunk=1000):
+    """Share of query rows inside at least one reference ball: min over r of ||q - r|| - radius(r) <= 0."""
+    return torch.cat([(torch.cdist(c, ref) <= radii).any(1) for c in query.split(chunk)]).double().mean().item()
+
+
+def evaluate(model, x, y, train, test, dev, seed, floor_draws=3):
+    """Every metric for samples x (N, C, H, W) (labels y or None) against the real splits, as a dict."""
+    gen = torch.Generator().manual_seed(seed)
+    f_fake, pred = embed(model, x, dev)
+    f_test = embed(model, test[0], dev)[0]
+    n = min(len(x), len(test[0]))  # precision / recall compare equal counts
+    real, fake = f_test[torch.randperm(len(f_test), generator=gen)[:n]], f_fake[torch.randperm(len(x), generator=gen)[:n]]
+    n_floor = min(len(x), len(train[0]))  # the floor at this N, over a few random draws of training images
+    floors = torch.tensor([fid(embed(model, train[0][torch.randperm(len(train[0]), generator=gen)[:n_floor]], dev)[0],
+                               f_test) for _ in range(floor_draws)])
+    return {"n_samples": len(x), "n_test": len(f_test), "fid": fid(f_fake, f_test), "fid_floor": floors.mean().item(),
+            "fid_floor_sd": floors.std().item() if floor_draws > 1 else 0.0, "n_floor": n_floor,
+            "class_accuracy": None if y is None else (pred == y).double().mean().item(),
+            "precision": in_manifold(fake, real, knn_radii(real)),  # samples on the real manifold
+            "recall": in_manifold(real, fake, knn_radii(fake)), "n_pr": n, "k": K}  # real images on the samples'
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None):
+    a = get_args(argv)
+    x, y, meta = load_samples(a.samples, a.dataset)  # every input check before anything is written
+    dev = pick_device(a.device)
+    train, test = load_dataset(a.dataset, a.data_dir, train=True), load_dataset(a.dataset, a.data_dir, train=False)
+    if a.max_train:
+        train = (train[0][:a.max_train], train[1][:a.max_train])
+    if min(len(train[0]), len(test[0])) < K + 1:
+        raise UsageError(f"{a.dataset} in {a.data_dir} has too few images for k = {K} nearest neighbours")
+    model, acc, cache = get_classifier(a, dev, train, test)
+    t0 = time.time()
+    r = evaluate(model, x, y, train, test, dev, a.seed)
+    r.update(samples=a.samples, dataset=a.dataset, meta=meta, classifier=cache, classifier_test_accuracy=acc)
+    out = os.path.splitext(a.samples)[0] + ".eval.json"
+    with open(out, "w") as f:
+        json.dump(r, f, indent=1, default=str)
+    ca = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.2%}"
+    info = ", ".join(f"{k} {v}" for k, v in meta.items())
+    print(f"\n{a.samples}: {len(x)} samples{', ' + info if info else ''}; {a.dataset} test split: {len(test[0])}\n"
+          f"{'metric':<16}{'value':>9}  note\n"
+          f"{'FID':<16}{r['fid']:>9.3f}  {len(x)} samples vs {len(test[0])} test images\n"
+          f"{'FID floor':<16}{r['fid_floor']:>9.3f}  ± {r['fid_floor_sd']:.3f}: {r['n_floor']} random train images vs "
+          f"the same test images, 3 draws\n"
+          f"{'class accuracy':<16}{ca:>9}  prediction == y (classifier: {acc:.2%} on test)\n"
+          f"{'precision':<16}{r['precision']:>9.3f}  k = {K}, {r['n_pr']} samples vs {r['n_pr']} test images\n"
+          f"{'recall':<16}{r['recall']:>9.3f}\n"
+          f"wrote {out} ({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UsageError as e:
+        die(e)
