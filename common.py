@@ -191,6 +191,8 @@ OUTPUTS = ("ckpt.pt", "loss.csv", "loss.png", "samples.npz", "grid_*.png", "deno
 def prepare_out_dir(out_dir, resume="", overwrite=False):
     """Refuse to mix two runs' outputs: a folder holding another run needs --resume of its ckpt or --overwrite."""
     import glob
+    for f in glob.glob(os.path.join(out_dir, "ckpt.pt.tmp*")):  # left by a run killed mid-save
+        os.remove(f)
     old = sorted(f for pat in OUTPUTS for f in glob.glob(os.path.join(out_dir, pat)))
     ckpt = os.path.join(out_dir, "ckpt.pt")
     if old and not overwrite and not (resume and os.path.abspath(resume) == os.path.abspath(ckpt)):

@@ -36,7 +36,7 @@ RECIPE = ["dataset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_rat
 
 
 # ----------------------------------------------------------------------------- config
-def get_args(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
     p.add_argument("--data-dir", default="./data")
@@ -75,9 +75,17 @@ def get_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return p
+
+
+def take_recipe(a, ckpt, path):
+    """The model and training recipe are the checkpoint's; a flag given here that contradicts it is an error."""
+    default = get_parser().get_default
+    for k in RECIPE:
+        mine, theirs = getattr(a, k), ckpt["args"][k]
+        if mine != default(k) and mine != theirs:
+            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {theirs}, but this command asks for {mine}")
+        setattr(a, k, theirs)
 
 
 def check_args(a):
@@ -110,8 +118,6 @@ def check_args(a):
         raise UsageError(f"--patch-size {a.patch_size} does not divide the image size {size}")
     if a.sample_steps > a.timesteps:
         raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
-    if a.sample_only and not a.ckpt:
-        raise UsageError("--sample-only needs --ckpt PATH")
 
 
 # ----------------------------------------------------------------------------- model
@@ -400,6 +406,7 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
         if rank == 0:
             save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", a.amp)
         checkpoint()
+        t0, s0 = time.time(), step  # img/s and ETA count training only
     if rank == 0:
         with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
             f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
@@ -427,14 +434,15 @@ def run_benchmark(a, dev, model, ema, opt, diff):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a = get_args(argv)
+    a = get_parser().parse_args(argv)
+    if a.sample_only and not a.ckpt:
+        raise UsageError("--sample-only needs --ckpt PATH")
     rank, world, dev = init_distributed(pick_device(a.device))
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
-    if ckpt:  # the model and the recipe are the checkpoint's; run length, sampling and paths are this command's
-        for k in RECIPE:
-            setattr(a, k, ckpt["args"][k])
-        check_args(a)
+    if ckpt:  # run length, sampling and paths are this command's
+        take_recipe(a, ckpt, a.resume or a.ckpt)
+    check_args(a)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(a.seed)  # the same initial weights on every rank

@@ -270,3 +270,104 @@ def test_torchrun_two_ranks_identical_weights(fake_mnist, tmp_path):
     assert r.stdout.count("done: 3 steps") == 1  # only rank 0 reports and writes
     assert sorted(os.listdir(out)) == sorted(["ckpt.pt", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg1.png",
                                               "grid_e001_cfg3.png", "loss.csv", "loss.png"])
+
+
+# ----------------------------------------------------------------------------- faults (issue 6)
+@pytest.fixture(scope="module")
+def trained_ckpt(fake_mnist, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ck") / "run")
+    assert run_main(dit_ddpm, TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2",
+                                      "--sample-steps", "1"]) == 0
+    return os.path.join(out, "ckpt.pt")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p, ck: open(p, "wb").write(open(ck, "rb").read()[:5000]), "truncated or corrupt"),
+    (lambda p, ck: open(p, "wb").write(b"not a checkpoint"), "truncated or corrupt"),
+    (lambda p, ck: torch.save({**torch.load(ck, weights_only=False), "script": "dit_flow"}, p), "written by dit_flow.py"),
+    (lambda p, ck: torch.save({"weights": 1}, p), "not a checkpoint of this repo"),
+])
+def test_bad_checkpoint_exit_2(make, words, trained_ckpt, tmp_path, capsys):
+    bad = str(tmp_path / "bad.pt")
+    make(bad, trained_ckpt)
+    for flag in ("--ckpt", "--resume"):
+        out = tmp_path / f"o{flag}"
+        extra = ["--sample-only"] if flag == "--ckpt" else []
+        assert run_main(dit_ddpm, [flag, bad, "--out-dir", str(out), "--device", "cpu"] + extra) == 2
+        assert words in capsys.readouterr().out
+        assert not out.exists()
+
+
+def test_checkpoint_of_other_model_size_exit_2(trained_ckpt, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["--sample-only", "--ckpt", trained_ckpt, "--out-dir", str(out), "--device", "cpu", "--hidden-size", "64"]
+    assert run_main(dit_ddpm, argv) == 2
+    assert "has --hidden-size 32, but this command asks for 64" in capsys.readouterr().out
+    ck = torch.load(trained_ckpt, weights_only=False)
+    ck["model"]["final.linear.weight"] = torch.zeros(3, 3)  # weights that do not fit the recorded sizes
+    torch.save(ck, tmp_path / "odd.pt")
+    argv = ["--sample-only", "--ckpt", str(tmp_path / "odd.pt"), "--out-dir", str(out), "--sample-steps", "4"]
+    assert run_main(dit_ddpm, argv) == 2
+    assert "does not fit this model" in capsys.readouterr().out and not out.exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, monkeypatch, capsys):
+    out = str(tmp_path / "run")
+    real_step = dit_ddpm.train_step
+
+    def step_then_nan(a, net, model, ema, opt, diff, x0, y, step, total):
+        loss = real_step(a, net, model, ema, opt, diff, x0, y, step, total)
+        return loss * float("nan") if step >= 17 else loss
+    monkeypatch.setattr(dit_ddpm, "train_step", step_then_nan)
+    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "30", "--sample-steps", "1"]
+    assert run_main(dit_ddpm, argv) == 1
+    assert "loss is nan at step 18" in capsys.readouterr().err
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 16  # end of epoch 1
+
+
+KILL_MID_SAVE = """
+import os, signal, sys, torch, dit_ddpm
+real, n = torch.save, [0]
+def dying_save(obj, f):
+    n[0] += 1
+    if n[0] == 2:  # the second checkpoint: write part of it, then die as if killed
+        real(obj, f)
+        open(f, "r+b").truncate(3000)
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(obj, f)
+torch.save = dying_save
+dit_ddpm.main(sys.argv[1:])
+"""
+
+
+def test_kill_mid_save_keeps_previous_checkpoint(fake_mnist, tmp_path):
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "3", "--sample-steps", "1"]
+    r = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *argv], capture_output=True, text=True, timeout=120,
+                       cwd=os.path.dirname(__file__))
+    assert r.returncode == -9
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 16  # the first epoch's, intact
+    assert [f for f in os.listdir(out) if ".tmp" in f]  # the half-written temp file is all that was lost
+    assert run_main(dit_ddpm, argv + ["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "18"]) == 0
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_sigterm_saves_and_prints_resume_command(fake_mnist, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    out = str(tmp_path / "run")
+    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "500", "--sample-steps", "1"]
+    p = subprocess.Popen([sys.executable, "dit_ddpm.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=os.path.dirname(__file__))
+    for line in p.stdout:  # wait until training is under way
+        if line.startswith("epoch 1/500 step 3/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "interrupted at step" in rest and f"--resume {out}/ckpt.pt" in rest
+    step = int(rest.split("interrupted at step ")[1].split(";")[0])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == step >= 3
