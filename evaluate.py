@@ -11,7 +11,8 @@ covers every setting that changes the weights); later runs load it. Prints one t
 SAMPLES.eval.json beside SAMPLES.npz:
   FID          Fréchet distance between Gaussians fitted to the penultimate features of the samples and
                of the test split; lower is better
-  FID floor    the same FID for as many real training images: what a perfect generator scores at this N
+  FID floor    the same FID for as many real training images (mean ± sd over 5 random draws): what a
+               perfect generator scores at this N
   class acc    classifier prediction == requested label y (n/a when the npz has no y)
   precision    share of samples inside the real images' k-NN balls (k = 3, Kynkäänniemi et al. 2019)
   recall       share of real images inside the samples' k-NN balls; both against a test subset of the same N
@@ -33,6 +34,7 @@ SCRIPT = "evaluate"
 ARCH = 1  # bump when Classifier or its training changes: cached weights under the old hash stop matching
 DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
 K = 3  # nearest neighbours for precision and recall
+FLOOR_DRAWS = 5  # random draws of training images behind the real-vs-real floor (mean ± sd)
 
 
 # ----------------------------------------------------------------------------- config
@@ -61,8 +63,7 @@ def load_samples(path, dataset):
         raise UsageError(f"samples file {path} does not exist")
     try:
         z = np.load(path, allow_pickle=False)
-        assert isinstance(z, np.lib.npyio.NpzFile)
-        arrays = {k: z[k] for k in z.files}
+        arrays = {k: z[k] for k in z.files}  # a lone .npy array has no .files: AttributeError
     except Exception as e:
         raise UsageError(f"{path} is not an .npz archive ({type(e).__name__}); expected one written by np.savez")
     if "x" not in arrays:
@@ -70,7 +71,7 @@ def load_samples(path, dataset):
     x, y = arrays["x"], arrays.get("y")
     c, s, classes = DATA_SHAPES[dataset]
     if x.ndim != 4 or x.shape[1:] != (c, s, s) or not np.issubdtype(x.dtype, np.number):
-        raise UsageError(f"x in {path} has shape {x.shape} and dtype {x.dtype}; {dataset} needs floats (N, {c}, {s}, {s})")
+        raise UsageError(f"x in {path} has shape {x.shape}, dtype {x.dtype}; {dataset} needs floats (N, {c}, {s}, {s})")
     if len(x) < K + 1:
         raise UsageError(f"{path} holds {len(x)} samples; need at least {K + 1} (k = {K} nearest neighbours)")
     x = x.astype(np.float32)
@@ -88,13 +89,17 @@ def load_samples(path, dataset):
 
 
 # ----------------------------------------------------------------------------- model
+def conv_stage(c_in, c_out):
+    """3x3 conv, batch norm, ReLU, 2x2 max-pool: (N, c_in, S, S) -> (N, c_out, S/2, S/2)."""
+    return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
+
+
 class Classifier(nn.Module):
     """Two conv-BN-ReLU-pool stages and an MLP head; `features` (the 128-d penultimate layer) feeds every metric."""
 
     def __init__(self, channels=1, size=28, classes=10, width=16, feat=128):
         super().__init__()
-        stage = lambda i, o: [nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2)]  # noqa: E731
-        self.body = nn.Sequential(*stage(channels, width), *stage(width, 2 * width),  # (N, 2w, S/4, S/4)
+        self.body = nn.Sequential(*conv_stage(channels, width), *conv_stage(width, 2 * width),  # (N, 2w, S/4, S/4)
                                   nn.Flatten(), nn.Linear(2 * width * (size // 4) ** 2, feat), nn.ReLU())  # (N, feat)
         self.head = nn.Linear(feat, classes)
 
@@ -120,7 +125,8 @@ def train_classifier(model, x, y, epochs, seed, dev, batch=64, lr=2e-3, shift=2)
         for idx in torch.randperm(len(x), generator=gen).to(dev).split(batch):
             for g in opt.param_groups:
                 g["lr"] = lr * (1 - step / steps)
-            xb = torch.roll(as_float(x[idx]), torch.randint(-shift, shift + 1, (2,), generator=gen).tolist(), (2, 3))
+            dy, dx = torch.randint(-shift, shift + 1, (2,), generator=gen).tolist()
+            xb = torch.roll(as_float(x[idx]), (dy, dx), (2, 3))  # digits sit on an empty border: roll = translation
             loss = F.cross_entropy(model(xb), y[idx])  # L = -log softmax(logits)[y]
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,10 +159,12 @@ def get_classifier(a, dev, train, test):
             return model.to(dev).eval(), ckpt["test_acc"], path
         except (UsageError, RuntimeError, KeyError) as e:
             print(f"note: ignoring the cached classifier ({str(e)[:120]}); training a new one")
-    try:
+    try:  # checked before training, not after
         os.makedirs(a.cache_dir, exist_ok=True)
-        assert os.access(a.cache_dir, os.W_OK)
-    except (OSError, AssertionError):
+        writable = os.access(a.cache_dir, os.W_OK)
+    except OSError:
+        writable = False
+    if not writable:
         raise UsageError(f"cannot write the classifier cache in {a.cache_dir}; pass --cache-dir DIR (writable)")
     print(f"training the classifier on {len(train[0])} {a.dataset} images, {a.classifier_epochs} epochs, "
           f"device {dev}", flush=True)
@@ -185,7 +193,8 @@ def frechet_distance(mu1, s1, mu2, s2):
     r1 = (v * w.clamp(min=0).sqrt()) @ v.T  # √Σ1 = V diag(√w) Vᵀ
     m = r1 @ s2 @ r1  # √Σ1 Σ2 √Σ1: symmetric PSD with the eigenvalues of Σ1 Σ2
     tr_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()  # Tr((Σ1 Σ2)^½) = Σ √λ_i
-    return (((mu1 - mu2) ** 2).sum() + s1.trace() + s2.trace() - 2 * tr_sqrt).item()  # ||μ1-μ2||² + Tr(Σ1+Σ2-2(Σ1Σ2)^½)
+    d2 = (mu1 - mu2).square().sum()
+    return (d2 + s1.trace() + s2.trace() - 2 * tr_sqrt).item()  # ||μ1 - μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½)
 
 
 def fid(f1, f2):
@@ -199,22 +208,26 @@ def knn_radii(f, k=K, chunk=1000):
 
 
 def in_manifold(query, ref, radii, chunk=1000):
-    """Share of query rows inside at least one reference ball: min over r of ||q - r|| - radius(r) <= 0."""
-    return torch.cat([(torch.cdist(c, ref) <= radii).any(1) for c in query.split(chunk)]).double().mean().item()
+    """Share of query rows (Q, F) inside at least one ball around the reference rows (R, F)."""
+    inside = [(torch.cdist(c, ref) <= radii).any(1) for c in query.split(chunk)]  # ∃ r: ||q - r|| <= radius(r)
+    return torch.cat(inside).double().mean().item()
 
 
-def evaluate(model, x, y, train, test, dev, seed, floor_draws=3):
+def evaluate(model, x, y, train, test, dev, seed):
     """Every metric for samples x (N, C, H, W) (labels y or None) against the real splits, as a dict."""
     gen = torch.Generator().manual_seed(seed)
     f_fake, pred = embed(model, x, dev)
     f_test = embed(model, test[0], dev)[0]
     n = min(len(x), len(test[0]))  # precision / recall compare equal counts
-    real, fake = f_test[torch.randperm(len(f_test), generator=gen)[:n]], f_fake[torch.randperm(len(x), generator=gen)[:n]]
+    real = f_test[torch.randperm(len(f_test), generator=gen)[:n]]  # (n, F)
+    fake = f_fake[torch.randperm(len(x), generator=gen)[:n]]  # (n, F)
     n_floor = min(len(x), len(train[0]))  # the floor at this N, over a few random draws of training images
-    floors = torch.tensor([fid(embed(model, train[0][torch.randperm(len(train[0]), generator=gen)[:n_floor]], dev)[0],
-                               f_test) for _ in range(floor_draws)])
-    return {"n_samples": len(x), "n_test": len(f_test), "fid": fid(f_fake, f_test), "fid_floor": floors.mean().item(),
-            "fid_floor_sd": floors.std().item() if floor_draws > 1 else 0.0, "n_floor": n_floor,
+    draws = torch.stack([torch.randperm(len(train[0]), generator=gen)[:n_floor] for _ in range(FLOOR_DRAWS)])
+    used = draws.unique()  # sorted: each training image is embedded once however many draws hold it
+    f_used = embed(model, train[0][used], dev)[0]
+    floors = torch.tensor([fid(f_used[torch.searchsorted(used, d)], f_test) for d in draws], dtype=torch.float64)
+    return {"n_samples": len(x), "n_test": len(f_test), "fid": fid(f_fake, f_test), "n_floor": n_floor,
+            "fid_floor": floors.mean().item(), "fid_floor_sd": floors.std().item(),
             "class_accuracy": None if y is None else (pred == y).double().mean().item(),
             "precision": in_manifold(fake, real, knn_radii(real)),  # samples on the real manifold
             "recall": in_manifold(real, fake, knn_radii(fake)), "n_pr": n, "k": K}  # real images on the samples'
@@ -243,11 +256,13 @@ def main(argv=None):
           f"{'metric':<16}{'value':>9}  note\n"
           f"{'FID':<16}{r['fid']:>9.3f}  {len(x)} samples vs {len(test[0])} test images\n"
           f"{'FID floor':<16}{r['fid_floor']:>9.3f}  ± {r['fid_floor_sd']:.3f}: {r['n_floor']} random train images vs "
-          f"the same test images, 3 draws\n"
+          f"the same test images, {FLOOR_DRAWS} draws\n"
           f"{'class accuracy':<16}{ca:>9}  prediction == y (classifier: {acc:.2%} on test)\n"
           f"{'precision':<16}{r['precision']:>9.3f}  k = {K}, {r['n_pr']} samples vs {r['n_pr']} test images\n"
           f"{'recall':<16}{r['recall']:>9.3f}\n"
           f"wrote {out} ({time.time() - t0:.1f}s)")
+    if len(x) < 1000:
+        print(f"note: with {len(x)} samples FID, precision and recall are noisy (see the floor's ± sd); use >= 1000")
 
 
 if __name__ == "__main__":

@@ -371,3 +371,24 @@ def test_sigterm_saves_and_prints_resume_command(fake_mnist, tmp_path):
     assert "interrupted at step" in rest and f"--resume {out}/ckpt.pt" in rest
     step = int(rest.split("interrupted at step ")[1].split(";")[0])
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == step >= 3
+
+
+# ----------------------------------------------------------------------------- speed flags (issue 7)
+def test_compile_runs_two_steps_and_saves_plain_weights(fake_mnist, tmp_path):
+    import shutil
+    if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (g++/clang++), none on PATH")
+    out = str(tmp_path / "run")
+    assert run_main(dit_ddpm, TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2", "--compile",
+                                      "--sample-steps", "1", "--cfg-scales", "1"]) == 0
+    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    assert ck["step"] == 2 and not any(k.startswith("_orig_mod") for k in ck["model"])
+
+
+def test_benchmark_mode_prints_throughput_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert run_main(dit_ddpm, TINY + ["--benchmark", "--out-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "img/s" in text and "GFLOP/img" in text and "100 samples" in text and not out.exists()
+    gflop = float(text.split(" GFLOP/img")[0].split()[-1])
+    assert 0.001 < gflop < 0.1  # a 32-wide, 1-deep DiT on 49 tokens: a few MFLOP a step per image
