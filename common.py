@@ -265,6 +265,37 @@ def benchmark(train_step, sample_fn, batch, dev, steps=20, warmup=5):
     return batch / dt
 
 
+# ----------------------------------------------------------------------------- training helpers
+def lr_at(step, lr, warmup, total):
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+@torch.no_grad()
+def ema_update(ema, model, step, decay):
+    """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)  # e <- d*e + (1-d)*m
+
+
+def save_loss(log, out_dir, title):
+    """loss.csv (step, mean loss since the previous row) and loss.png."""
+    with open(os.path.join(out_dir, "loss.csv"), "w") as f:
+        f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
+    save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(out_dir, "loss.png"), title)
+
+
+def take_recipe(a, ckpt, path, parser, keys):
+    """Set args `keys` (model sizes, training recipe) from a checkpoint; a flag given that contradicts it is an error."""
+    for k in keys:
+        mine, theirs = getattr(a, k), ckpt["args"][k]
+        if mine != parser.get_default(k) and mine != theirs:
+            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {theirs}, but this command asks for {mine}")
+        setattr(a, k, theirs)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, then rename: a crash mid-save keeps the old file."""

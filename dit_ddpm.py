@@ -24,9 +24,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UsageError, any_rank, atomic_save, benchmark, die, format_time, init_distributed,
-                    load_checkpoint, load_dataset, pick_device, pos_embed_2d, prepare_out_dir, rng_state, save_gif,
-                    save_grid, save_loss_plot, seed_everything, set_rng_state, timestep_embedding)
+from common import (UsageError, any_rank, atomic_save, benchmark, die, ema_update, format_time, init_distributed,
+                    load_checkpoint, load_dataset, lr_at, pick_device, pos_embed_2d, prepare_out_dir, rng_state,
+                    save_gif, save_grid, save_loss, seed_everything, set_rng_state, take_recipe, timestep_embedding)
 
 SCRIPT = "dit_ddpm"
 DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
@@ -76,16 +76,6 @@ def get_parser():
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
     return p
-
-
-def take_recipe(a, ckpt, path):
-    """The model and training recipe are the checkpoint's; a flag given here that contradicts it is an error."""
-    default = get_parser().get_default
-    for k in RECIPE:
-        mine, theirs = getattr(a, k), ckpt["args"][k]
-        if mine != default(k) and mine != theirs:
-            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {theirs}, but this command asks for {mine}")
-        setattr(a, k, theirs)
 
 
 def check_args(a):
@@ -290,21 +280,6 @@ def sample(model, diff, y, scale, sampler="ddim", steps=50, eta=0.0, gen=None, f
 
 
 # ----------------------------------------------------------------------------- training
-def lr_at(a, step, total):
-    """Linear warm-up, then cosine decay to 0 over `total` steps."""
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / a.warmup_steps
-    return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a.warmup_steps) / max(1, total - a.warmup_steps))))
-
-
-@torch.no_grad()
-def ema_update(ema, model, step, decay):
-    """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
-    d = min(decay, (1 + step) / (10 + step))
-    e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1 - d)  # e <- d*e + (1-d)*m
-
-
 def save_samples(a, ema, diff, dev, tag, amp):
     """One grid per CFG scale (row = class) and a GIF of the last scale, all in one batched sampling run."""
     classes, n = ema.num_classes, 10
@@ -339,7 +314,7 @@ def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
         pred = net(diff.q_sample(x0, t, eps), t, y)
     loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t, y)||²
     for g in opt.param_groups:
-        g["lr"] = lr_at(a, step, total)
+        g["lr"] = lr_at(step, a.lr, a.warmup_steps, total)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
@@ -408,10 +383,7 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
         checkpoint()
         t0, s0 = time.time(), step  # img/s and ETA count training only
     if rank == 0:
-        with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
-            f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
-        save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(a.out_dir, "loss.png"),
-                       f"{SCRIPT}: training loss (MSE on eps)")
+        save_loss(log, a.out_dir, f"{SCRIPT}: training loss (MSE on eps)")
         if a.num_samples:
             write_npz(a, ema, diff, dev, a.amp)
     say(f"done: {step} steps; outputs in {a.out_dir}")
@@ -441,7 +413,7 @@ def main(argv=None):
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
     if ckpt:  # run length, sampling and paths are this command's
-        take_recipe(a, ckpt, a.resume or a.ckpt)
+        take_recipe(a, ckpt, a.resume or a.ckpt, get_parser(), RECIPE)
     check_args(a)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -171,7 +171,7 @@ def test_tiny_dit_overfits_64_images():
 def test_ema_update_with_warmup():
     a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
     ema_before = [p.clone() for p in a.parameters()]
-    dit_ddpm.ema_update(a, b, step=0, decay=0.9999)  # decay at step 0 is 1/10
+    common.ema_update(a, b, step=0, decay=0.9999)  # decay at step 0 is 1/10
     for e0, e, m in zip(ema_before, a.parameters(), b.parameters()):
         assert torch.allclose(e, 0.1 * e0 + 0.9 * m)
 
