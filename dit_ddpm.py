@@ -63,7 +63,7 @@ def get_parser():
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-every", type=int, default=50, help="print the mean loss of the last N steps")
     p.add_argument("--resume", default="", help="continue training from this checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out-dir")
     p.add_argument("--benchmark", action="store_true", help="time training steps and sampling on random data")
@@ -106,7 +106,7 @@ def check_args(a):
     size = DATA_SHAPES[a.dataset][1]
     if size % a.patch_size:
         raise UsageError(f"--patch-size {a.patch_size} does not divide the image size {size}")
-    if a.sample_steps > a.timesteps:
+    if a.sampler == "ddim" and a.sample_steps > a.timesteps:
         raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
 
 
@@ -348,7 +348,7 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
     say = print if rank == 0 else (lambda *_, **__: None)
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, {world} "
         f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
-    loss_sum, n_sum, t0, s0, smooth = torch.zeros((), device=dev), 0, time.time(), step, None
+    loss_sum, n_sum, t0, s0 = torch.zeros((), device=dev), 0, time.time(), step
     while step < stop_at:
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
@@ -364,10 +364,9 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
                     print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
                           f"last good state (try a lower --lr)", file=sys.stderr)
                     sys.exit(1)
-                smooth = mean if smooth is None else 0.9 * smooth + 0.1 * mean
                 log.append((step, mean))
                 ips = (step - s0) * B * world / (time.time() - t0)
-                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {smooth:.4f} "
+                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {mean:.4f} "
                     f"img/s {ips:.0f} eta {format_time((stop_at - step) * B * world / ips)}", flush=True)
                 loss_sum.zero_()
                 n_sum = 0
