@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UsageError, any_rank, atomic_save, benchmark, die, format_time, init_distributed,
-                    load_checkpoint, load_dataset, pick_device, prepare_out_dir, rng_state, save_gif, save_grid,
-                    save_loss_plot, seed_everything, set_rng_state, timestep_embedding)
+from common import (UsageError, any_rank, atomic_save, benchmark, die, ema_update, format_time, init_distributed,
+                    load_checkpoint, load_dataset, lr_at, pick_device, prepare_out_dir, rng_state, save_gif,
+                    save_grid, save_loss, seed_everything, set_rng_state, take_recipe, timestep_embedding)
 
 SCRIPT = "ddpm_unet"
 DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # channels, size, classes
@@ -44,7 +44,7 @@ RECIPE = ["dataset", "base_channels", "channel_mults", "num_res_blocks", "attn_r
 
 
 # ----------------------------------------------------------------------------- config
-def get_args(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | cifar10")
     p.add_argument("--data-dir", default="./data")
@@ -88,9 +88,7 @@ def get_args(argv=None):
                         "from a briefly trained 1000-step model)")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="with --cond only")
     p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
-    args = p.parse_args(argv)
-    check_args(args)
-    return args
+    return p
 
 
 def resolutions(a):
@@ -131,8 +129,6 @@ def check_args(a):
         raise UsageError(f"--cfg-scales must be finite and >= 0 (got {a.cfg_scales})")
     if a.sampler == "ddim" and a.sample_steps > a.timesteps:
         raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
-    if a.sample_only and not a.ckpt:
-        raise UsageError("--sample-only needs --ckpt PATH")
 
 
 # ----------------------------------------------------------------------------- model
@@ -310,21 +306,6 @@ def sample(model, diff, n, y=None, scale=1.0, sampler="ddim", steps=50, eta=1.0,
 
 
 # ----------------------------------------------------------------------------- training
-def lr_at(a, step, total):
-    """Linear warm-up, then cosine decay to 0 over `total` steps."""
-    if step < a.warmup_steps:
-        return a.lr * (step + 1) / a.warmup_steps
-    return a.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a.warmup_steps) / max(1, total - a.warmup_steps))))
-
-
-@torch.no_grad()
-def ema_update(ema, model, step, decay):
-    """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
-    d = min(decay, (1 + step) / (10 + step))
-    e, m = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(e, m, 1 - d)  # e <- d*e + (1-d)*m
-
-
 def hflip(x):
     """Mirror each image of (N, C, H, W) left-right with probability 1/2 (on the device, one draw per image)."""
     return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
@@ -370,7 +351,7 @@ def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
         pred = net(diff.q_sample(x0, t, eps), t, y if model.cond else None)
     loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t[, y])||²
     for g in opt.param_groups:
-        g["lr"] = lr_at(a, step, total)
+        g["lr"] = lr_at(step, a.lr, a.warmup_steps, total)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
@@ -404,7 +385,7 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
     say = print if rank == 0 else (lambda *_, **__: None)
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, {world} "
         f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
-    loss_sum, n_sum, t0, s0, smooth = torch.zeros((), device=dev), 0, time.time(), step, None
+    loss_sum, n_sum, t0, s0 = torch.zeros((), device=dev), 0, time.time(), step
     while step < stop_at:
         epoch, i = divmod(step, per_epoch)
         perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
@@ -421,10 +402,9 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
                     print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
                           f"last good state (try a lower --lr)", file=sys.stderr)
                     sys.exit(1)
-                smooth = mean if smooth is None else 0.9 * smooth + 0.1 * mean
                 log.append((step, mean))
                 ips = (step - s0) * B * world / (time.time() - t0)
-                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {smooth:.4f} "
+                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {mean:.4f} "
                     f"img/s {ips:.0f} eta {format_time((stop_at - step) * B * world / ips)}", flush=True)
                 loss_sum.zero_()
                 n_sum = 0
@@ -438,11 +418,9 @@ def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
         if rank == 0:
             save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", a.amp)
         checkpoint()
+        t0, s0 = time.time(), step  # img/s and ETA count training only
     if rank == 0:
-        with open(os.path.join(a.out_dir, "loss.csv"), "w") as f:
-            f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
-        save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(a.out_dir, "loss.png"),
-                       f"{SCRIPT}: training loss (MSE on eps)")
+        save_loss(log, a.out_dir, f"{SCRIPT}: training loss (MSE on eps)")
         if a.num_samples:
             write_npz(a, ema, diff, dev, a.amp)
     say(f"done: {step} steps; outputs in {a.out_dir}")
@@ -465,14 +443,15 @@ def run_benchmark(a, dev, model, ema, opt, diff):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a = get_args(argv)
+    a = get_parser().parse_args(argv)
+    if a.sample_only and not a.ckpt:
+        raise UsageError("--sample-only needs --ckpt PATH")
     rank, world, dev = init_distributed(pick_device(a.device))
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
-    if ckpt:  # the model and the recipe are the checkpoint's; run length, sampling and paths are this command's
-        for k in RECIPE:
-            setattr(a, k, ckpt["args"][k])
-        check_args(a)
+    if ckpt:  # run length, sampling and paths are this command's
+        take_recipe(a, ckpt, a.resume or a.ckpt, get_parser(), RECIPE)
+    check_args(a)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     seed_everything(a.seed)  # the same initial weights on every rank
