@@ -186,7 +186,7 @@ def save_loss_plot(steps, losses, path, title="training loss", size=(640, 400)):
 
 # ----------------------------------------------------------------------------- runs: output folder, several GPUs
 OUTPUTS = ("ckpt.pt", "loss.csv", "loss.png", "samples.npz", "grid_*.png", "denoise_*.gif", "compare_*.png",
-           "*.eval.json")
+           "*.eval.json", "metrics*.csv")
 
 
 def prepare_out_dir(out_dir, resume="", overwrite=False):
