@@ -6,8 +6,22 @@ import struct
 import numpy as np
 import pytest
 
-# CPU-sized knobs every CLI test shares: keeps the whole suite well under 5 minutes on 2 cores.
+# Set before torch is imported (by common below): a thread per core of the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import common  # noqa: E402
+
+
+def run_main(mod, argv):
+    """Run a script's main() in-process; return the exit code (0 when it returns)."""
+    try:
+        mod.main(argv)
+    except common.UsageError as e:
+        print(f"error: {e}")
+        return 2
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def fake_images(n, size=28, channels=1, seed=0):

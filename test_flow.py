@@ -9,23 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-import common
 import dit_flow
+from conftest import run_main
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--sample-steps", "2",
         "--batch-size", "64", "--log-every", "1", "--device", "cpu"]
-
-
-def run_main(mod, argv):
-    """Run a script's main() in-process; return the exit code (0 when it returns)."""
-    try:
-        mod.main(argv)
-    except common.UsageError as e:
-        print(f"error: {e}")
-        return 2
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def tiny_dit(channels=4, size=32, classes=4):

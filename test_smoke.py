@@ -8,21 +8,10 @@ import torch.nn.functional as F
 
 import common
 import dit_ddpm
+from conftest import run_main
 
 TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20", "--sample-steps", "4",
         "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
-
-
-def run_main(mod, argv):
-    """Run a script's main() in-process; return the exit code (0 when it returns)."""
-    try:
-        mod.main(argv)
-    except common.UsageError as e:
-        print(f"error: {e}")
-        return 2
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 # ----------------------------------------------------------------------------- common.py

@@ -8,21 +8,10 @@ import torch.nn.functional as F
 
 import common
 import ddpm_unet as du
+from conftest import run_main
 
 TINY = ["--base-channels", "8", "--channel-mults", "1", "2", "2", "--num-res-blocks", "1", "--timesteps", "20",
         "--sample-steps", "3", "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
-
-
-def run_main(mod, argv):
-    """Run a script's main() in-process; return the exit code (0 when it returns)."""
-    try:
-        mod.main(argv)
-    except common.UsageError as e:
-        print(f"error: {e}")
-        return 2
-    except SystemExit as e:
-        return e.code
-    return 0
 
 
 def tiny_unet(img_size=28, channels=1, mults=(1, 2), attn_res=(), classes=0, base=8):
