@@ -336,7 +336,8 @@ def write_npz(a, ema, diff, dev, amp, chunk=500):
     x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
     path = os.path.join(a.out_dir, "samples.npz")
     extra = dict(y=y_all.numpy(), cfg_scale=a.cfg_scales[0]) if ema.cond else {}
-    np.savez_compressed(path, x=x, sampler=a.sampler, **extra)
+    np.savez_compressed(path, x=x, sampler=a.sampler, eta=a.eta,
+                        sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, **extra)
     cfg = f"cfg scale {a.cfg_scales[0]:g}, " if ema.cond else ""
     print(f"wrote {path}: {len(x)} samples, {cfg}sampler {a.sampler}")
 

@@ -301,7 +301,8 @@ def write_npz(a, ema, diff, dev, amp, chunk=500):
           for y in y_all.split(chunk)]
     x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
     path = os.path.join(a.out_dir, "samples.npz")
-    np.savez_compressed(path, x=x, y=y_all.numpy(), cfg_scale=a.cfg_scales[0], sampler=a.sampler)
+    np.savez_compressed(path, x=x, y=y_all.numpy(), cfg_scale=a.cfg_scales[0], sampler=a.sampler,
+                        sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
     print(f"wrote {path}: {len(x)} samples, cfg scale {a.cfg_scales[0]:g}, sampler {a.sampler}")
 
 
