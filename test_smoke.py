@@ -210,14 +210,29 @@ def test_resume_is_bit_identical(fake_mnist, tmp_path):
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--lr", "-1"], "--lr must be"),
     (["--cfg-scales", "nan"], "--cfg-scales"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--timesteps", "0"], "--timesteps must be >= 1"),
+    (["--depth", "0"], "--depth must be >= 1"),
+    (["--num-samples", "-1"], "--num-samples must be >= 0"),
+    (["--max-steps", "-5"], "--max-steps must be >= 0"),
+    (["--label-dropout", "1.5"], "--label-dropout"),
     (["--sample-only"], "needs --ckpt"),
     (["--sample-only", "--ckpt", "nope.pt"], "does not exist"),
 ])
 def test_bad_input_exit_2(extra, words, tmp_path, capsys):
+    """Each out-of-range or inconsistent flag: one line, exit code 2, nothing written."""
     out = tmp_path / "run"
     assert run_main(dit_ddpm, TINY + ["--out-dir", str(out)] + extra) == 2
     assert words in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_missing_cuda_device_exit_2(device, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(dit_ddpm, TINY[:-2] + ["--device", device, "--out-dir", str(out)]) == 2
+    assert "CUDA is not available" in capsys.readouterr().out and not out.exists()
 
 
 def test_missing_data_offline_is_one_line(tmp_path, capsys, monkeypatch):
