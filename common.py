@@ -253,15 +253,15 @@ def benchmark(train_step, sample_fn, batch, dev, steps=20, warmup=5):
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
     mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
         __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"benchmark on {name}: batch {batch}, step {dt * 1e3:.1f} ms, {batch / dt:,.0f} img/s, "
-          f"{flops / batch / 1e9:.2f} GFLOP/img, {flops / dt / 1e12:.2f} TFLOP/s, "
-          f"MFU {f'{flops / dt / peak:.1%} of bf16 peak' if peak else 'n/a'}, peak memory {mem:.2f} GiB")
+    print(f"benchmark on {name}: batch {batch}, step {dt * 1e3:.3g} ms, {batch / dt:.4g} img/s, "
+          f"{flops / batch / 1e9:.3g} GFLOP/img, {flops / dt / 1e12:.3g} TFLOP/s, "
+          f"MFU {f'{flops / dt / peak:.1%} of bf16 peak' if peak else 'n/a'}, peak memory {mem:.3g} GiB")
     sample_fn()  # warm-up
     sync()
     t0 = time.perf_counter()
     what = sample_fn()
     sync()
-    print(f"benchmark sampling: {what} in {time.perf_counter() - t0:.2f} s")
+    print(f"benchmark sampling: {what} in {time.perf_counter() - t0:.3g} s")
     return batch / dt
 
 

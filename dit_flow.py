@@ -433,7 +433,7 @@ def train(a, dev, model, ema, opt, ckpt, data, rank=0, world=1):
                          "rng": rng_state(), "loss_log": log, "metrics": scores}, os.path.join(a.out_dir, "ckpt.pt"))
 
     say = print if rank == 0 else (lambda *_, **__: None)
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params on {N} images, {world} "
+    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {N} images, {world} "
         f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
     loss_sum, n_sum, t0, s0 = torch.zeros((), device=dev), 0, time.time(), step
     while step < stop_at:
