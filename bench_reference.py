@@ -91,6 +91,8 @@ def main():
     torch.manual_seed(0)
     B, T = a.batch_size, 400
     diff = dit_ddpm.Diffusion(T, device=dev)
+    betas = torch.linspace(1e-4, 0.02, T, device=dev)  # the reference's own linear schedule
+    abar = torch.cumprod(1 - betas, 0)
     images, labels = torch.rand(4 * B, 1, 28, 28) * 2 - 1, torch.arange(4 * B) % 10
 
     # reference: DataLoader over float tensors, fp32, Adam, .item() every step
@@ -110,7 +112,8 @@ def main():
         y = torch.where(torch.rand(B, device=dev) < 0.1, 10, y)
         t = torch.randint(0, T, (B,), device=dev)
         eps = torch.randn_like(x0)
-        loss = F.mse_loss(ref(diff.q_sample(x0, t, eps), t, y), eps)
+        a = abar[t].view(-1, 1, 1, 1)
+        loss = F.mse_loss(ref(a.sqrt() * x0 + (1 - a).sqrt() * eps, t, y), eps)
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()
@@ -130,7 +133,7 @@ def main():
         dit_ddpm.train_step(args, ours, ours, ema, opt, diff, x_dev, y_dev, 1000, 10**6)
         sync()
 
-    print(f"{sum(q.numel() for q in ref.parameters()) / 1e6:.1f}M params (both), batch {B}, device {dev}")
+    print(f"{sum(q.numel() for q in ref.parameters()) / 1e6:.3g}M params (both), batch {B}, device {dev}")
     t_ref, t_ours = time_it(ref_step, a.train_steps), time_it(our_step, a.train_steps)
     print(f"train step   reference {t_ref:.3f} s ({B / t_ref:.0f} img/s)   ours {t_ours:.3f} s ({B / t_ours:.0f} img/s)"
           f"   ours/reference speed {t_ref / t_ours:.2f}x")
@@ -143,11 +146,13 @@ def main():
         def ref_sample_step(t=T - 1):
             tt = torch.full((100,), t, device=dev)
             e_c, e_u = ref(x, tt, y100), ref(x, tt, null)
-            diff.ddpm_step(x, t, e_u + 3.0 * (e_c - e_u), torch.randn_like(x))
+            eps = e_u + 3.0 * (e_c - e_u)
+            mean = (x - betas[t] / (1 - abar[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
+            mean + (betas[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt() * torch.randn_like(x)
             sync()
         t_ref_sample = time_it(ref_sample_step, a.ref_sample_steps) * T
     t0 = time.perf_counter()
-    dit_ddpm.sample(ema, diff, y100, 3.0, "ddim", 50, amp=args.amp)
+    diff.sample(ema, y100, 3.0, "ddim", 50, amp=args.amp)
     sync()
     t_our_sample = time.perf_counter() - t0
     print(f"100 samples  reference DDPM-400, 2 passes/step {t_ref_sample:.1f} s (timed {a.ref_sample_steps} steps)"

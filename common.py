@@ -4,6 +4,7 @@ Timestep / position embeddings, dataset loading into one uint8 tensor, image gri
 loss plot, atomic checkpoints, device and seed helpers, and `die` (one clear line, exit code 2).
 Nothing here knows about a particular model or objective.
 """
+import argparse
 import math
 import os
 import random
@@ -18,6 +19,13 @@ from PIL import Image, ImageDraw
 # ----------------------------------------------------------------------------- errors, device, seed
 class UsageError(Exception):
     """Bad input from the user: reported as one line and exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UsageError (one line, exit code 2) instead of the usage text."""
+
+    def error(self, message):
+        raise UsageError(message)
 
 
 def die(msg):

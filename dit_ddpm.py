@@ -25,19 +25,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (UsageError, any_rank, atomic_save, benchmark, die, ema_update, format_time, init_distributed,
-                    load_checkpoint, load_dataset, lr_at, pick_device, pos_embed_2d, prepare_out_dir, rng_state,
+                    load_checkpoint, load_dataset, lr_at, Parser, pick_device, pos_embed_2d, prepare_out_dir, rng_state,
                     save_gif, save_grid, save_loss, seed_everything, set_rng_state, take_recipe, timestep_embedding)
 
 SCRIPT = "dit_ddpm"
 DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
 # the model and training recipe come from the checkpoint on --resume / --sample-only
-RECIPE = ["dataset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "timesteps", "batch_size",
+RECIPE = ["dataset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "timesteps", "schedule",
+          "prediction", "snr_gamma", "batch_size",
           "lr", "weight_decay", "warmup_steps", "ema_decay", "label_dropout", "grad_clip", "seed"]
 
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
@@ -51,6 +52,9 @@ def get_parser():
     p.add_argument("--mlp-ratio", type=float, default=4.0)
     # diffusion
     p.add_argument("--timesteps", type=int, default=400)
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v", "x0"], help="what the network predicts")
+    p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE on the target)")
     p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class in training")
     # training
     p.add_argument("--epochs", type=int, default=10)
@@ -70,8 +74,9 @@ def get_parser():
     # sampling
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="ddim", help="ddpm (ancestral, all steps) | ddim")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"],
+                   help="ddpm (ancestral, all steps) | ddim | dpm++ (DPM-Solver++(2M))")
+    p.add_argument("--sample-steps", type=int, default=50, help="model evaluations for ddim / dpm++")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
     p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
     p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
@@ -82,13 +87,11 @@ def check_args(a):
     """Every out-of-range flag is a UsageError (one line, exit 2) before anything is written."""
     if a.dataset not in DATA_SHAPES:
         raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
-    if a.sampler not in ("ddpm", "ddim"):
-        raise UsageError(f"unknown --sampler '{a.sampler}' (choose ddpm or ddim)")
     for name in ("hidden_size", "depth", "num_heads", "patch_size", "timesteps", "epochs", "batch_size",
                  "sample_steps", "log_every"):
         if getattr(a, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    for name in ("max_steps", "num_samples", "warmup_steps", "weight_decay", "grad_clip", "eta"):
+    for name in ("max_steps", "num_samples", "warmup_steps", "weight_decay", "grad_clip", "eta", "snr_gamma"):
         if getattr(a, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
     if not (a.lr > 0 and math.isfinite(a.lr)):
@@ -106,7 +109,7 @@ def check_args(a):
     size = DATA_SHAPES[a.dataset][1]
     if size % a.patch_size:
         raise UsageError(f"--patch-size {a.patch_size} does not divide the image size {size}")
-    if a.sampler == "ddim" and a.sample_steps > a.timesteps:
+    if a.sampler != "ddpm" and a.sample_steps > a.timesteps:
         raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
 
 
@@ -218,65 +221,89 @@ def build_model(a):
 
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
-    """DDPM with a linear beta schedule and an eps-predicting model."""
+    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
 
-    def __init__(self, timesteps, beta_start=1e-4, beta_end=0.02, device="cpu"):
-        self.T = timesteps
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-        abar = torch.cumprod(1 - betas, dim=0)  # ᾱ_t = Π_{s<=t} (1 - β_s)
-        self.betas, self.abar = betas.float().to(device), abar.float().to(device)
-
-    def q_sample(self, x0, t, eps):
-        a = self.abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε  ~ q(x_t | x0)
+    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
+                 num_classes=10, device="cpu"):
+        self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
+        self.label_dropout, self.null = label_dropout, num_classes  # label `num_classes` is the null label
+        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
+            betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
+            f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
     def abar_at(self, t):  # ᾱ_{-1} = 1: the step after t = 0 is the clean image
         return self.abar[t] if t >= 0 else torch.ones((), device=self.abar.device)
 
-    def ddpm_step(self, x, t, eps, noise):
-        """Ancestral step x_t -> x_{t-1} with the posterior variance β̃_t."""
-        beta, a, a_prev = self.betas[t], self.abar[t], self.abar_at(t - 1)
-        mean = (x - beta / (1 - a).sqrt() * eps) / (1 - beta).sqrt()  # μ = (x_t - β_t/√(1-ᾱ_t) ε) / √α_t
-        var = beta * (1 - a_prev) / (1 - a)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t)
-        return mean + var.sqrt() * noise
+    @staticmethod
+    def lam(a):  # half log-SNR λ = log(√ᾱ / √(1-ᾱ)); +∞ for the clean image
+        return 0.5 * torch.log(a / (1 - a)) if a < 1 else torch.tensor(math.inf, device=a.device)
 
-    def ddim_step(self, x, t, t_prev, eps, eta, noise):
-        """DDIM step x_t -> x_{t_prev}; eta = 0 is deterministic, eta = 1 with t_prev = t-1 is DDPM."""
-        a, a_prev = self.abar[t], self.abar_at(t_prev)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # x0 predicted from ε
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # σ = η √((1-ᾱ')/(1-ᾱ) (1-ᾱ/ᾱ'))
-        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+    def loss(self, model, x0, y):
+        """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
+        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
+        t = torch.randint(0, self.T, (len(y),), device=y.device)
+        eps = torch.randn_like(x0)
+        a = self.abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
+        target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
+        mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
+        return (self.weight(a.flatten()) * mse).mean()
 
+    def weight(self, a):
+        """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
+        if not self.snr_gamma:
+            return torch.ones_like(a)
+        snr = a / (1 - a)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
+        return snr.clamp(max=self.snr_gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
 
-def guided_eps(model, x, t, y, scale):
-    """CFG in one batched forward: eps = eps_null + s * (eps_cond - eps_null); scale is a float or (N, 1, 1, 1)."""
-    null = torch.full_like(y, model.num_classes)
-    eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-    return eps_null + scale * (eps_cond - eps_null)
+    def denoise(self, out, x, t):
+        """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
+        a = self.abar[t]
+        x0 = {"eps": lambda: (x - (1 - a).sqrt() * out) / a.sqrt(), "v": lambda: a.sqrt() * x - (1 - a).sqrt() * out,
+              "x0": lambda: out}[self.prediction]().clamp(-1, 1)
+        return x0, (x - a.sqrt() * x0) / (1 - a).sqrt()
 
+    def guided(self, model, x, t, y, scale, amp=False):
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
+        tt, null = torch.full((len(y),), t, device=y.device), torch.full_like(y, self.null)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+        return uncond + scale * (cond - uncond)
 
-@torch.no_grad()
-def sample(model, diff, y, scale, sampler="ddim", steps=50, eta=0.0, gen=None, frames=0, amp=False):
-    """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process)."""
-    dev = y.device
-    C, S = model.channels, model.grid * model.patch
-    rand = lambda: torch.randn(len(y), C, S, S, device=dev, generator=gen)  # noqa: E731
-    x = rand()
-    ts = list(range(diff.T - 1, -1, -1)) if sampler == "ddpm" else \
-        torch.linspace(diff.T - 1, 0, steps).round().long().tolist()
-    snaps, every = [x], max(1, len(ts) // frames) if frames else 0
-    for i, t in enumerate(ts):
-        tt = torch.full((len(y),), t, device=dev, dtype=torch.long)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            eps = guided_eps(model, x, tt, y, scale)
-        noise = rand() if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
-        if sampler == "ddpm":
-            x = diff.ddpm_step(x, t, eps, noise)
-        else:
-            x = diff.ddim_step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, noise)
-        if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
-            snaps.append(x)
-    return x.clamp(-1, 1), snaps
+    @torch.no_grad()
+    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0, amp=False):
+        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process).
+
+        ddpm: ancestral over all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M).
+        """
+        shape = (len(y), model.channels, model.grid * model.patch, model.grid * model.patch)
+        x = torch.randn(shape, device=y.device, generator=gen)
+        ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else \
+            torch.linspace(self.T - 1, 0, steps).round().long().tolist()  # then the clean image
+        eta = 1.0 if sampler == "ddpm" else eta
+        snaps, every, x0_prev = [x], max(1, len(ts) // frames) if frames else 0, None
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1  # the next step; -1 is the clean image
+            a, a_s = self.abar_at(t), self.abar_at(s)
+            x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
+            if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
+                h = self.lam(a_s) - self.lam(a)
+                D = x0
+                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
+                    r = h_prev / h
+                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+                x = ((1 - a_s) / (1 - a)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
+                x0_prev, h_prev = x0, h
+            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
+                sigma = eta * ((1 - a_s) / (1 - a) * (1 - a / a_s)).sqrt()
+                noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
+                x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+            if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
+                snaps.append(x)
+        return x.clamp(-1, 1), snaps
 
 
 # ----------------------------------------------------------------------------- training
@@ -286,7 +313,7 @@ def save_samples(a, ema, diff, dev, tag, amp):
     y = torch.arange(classes, device=dev).repeat_interleave(n).repeat(len(a.cfg_scales))
     scale = torch.tensor(a.cfg_scales, device=dev).repeat_interleave(classes * n).view(-1, 1, 1, 1)
     gen = torch.Generator(dev).manual_seed(a.seed)  # fixed noise: grids are comparable across epochs
-    x, snaps = sample(ema, diff, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames=40, amp=amp)
+    x, snaps = diff.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames=40, amp=amp)
     x = (x + 1) / 2
     for i, s in enumerate(a.cfg_scales):
         save_grid(x[i * classes * n:(i + 1) * classes * n], os.path.join(a.out_dir, f"grid_{tag}_cfg{s:g}.png"), n)
@@ -297,7 +324,7 @@ def write_npz(a, ema, diff, dev, amp, chunk=500):
     """samples.npz: num-samples images (x in [0, 1], (N, C, H, W)) with balanced labels y, first CFG scale."""
     y_all = torch.arange(a.num_samples) % ema.num_classes
     gen = torch.Generator(dev).manual_seed(a.seed + 1)
-    xs = [sample(ema, diff, y.to(dev), a.cfg_scales[0], a.sampler, a.sample_steps, a.eta, gen, amp=amp)[0]
+    xs = [diff.sample(ema, y.to(dev), a.cfg_scales[0], a.sampler, a.sample_steps, a.eta, gen, amp=amp)[0]
           for y in y_all.split(chunk)]
     x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
     path = os.path.join(a.out_dir, "samples.npz")
@@ -308,12 +335,8 @@ def write_npz(a, ema, diff, dev, amp, chunk=500):
 
 def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
     """One optimiser step on a batch (x0 in [-1, 1]); returns the loss as a tensor (no host sync)."""
-    y = torch.where(torch.rand(len(y), device=y.device) < a.label_dropout, model.num_classes, y)  # CFG dropout
-    t = torch.randint(0, diff.T, (len(y),), device=y.device)
-    eps = torch.randn_like(x0)
     with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=a.amp):
-        pred = net(diff.q_sample(x0, t, eps), t, y)
-    loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t, y)||²
+        loss = diff.loss(net, x0, y)
     for g in opt.param_groups:
         g["lr"] = lr_at(step, a.lr, a.warmup_steps, total)
     opt.zero_grad(set_to_none=True)
@@ -395,10 +418,10 @@ def run_benchmark(a, dev, model, ema, opt, diff):
     x0, y = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1, torch.arange(a.batch_size, device=dev) % K
     net = torch.compile(model) if a.compile else model
     y100 = torch.arange(100, device=dev) % K
-    steps = a.sample_steps if a.sampler == "ddim" else a.timesteps
+    steps = a.sample_steps if a.sampler != "ddpm" else a.timesteps
 
     def sample_100():
-        sample(ema, diff, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, a.eta, amp=a.amp)
+        diff.sample(ema, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, a.eta, amp=a.amp)
         return f"100 samples, cfg {a.cfg_scales[-1]:g}, {a.sampler} {steps} steps"
     benchmark(lambda: train_step(a, net, model, ema, opt, diff, x0, y, a.warmup_steps, 10**9), sample_100,
               a.batch_size, dev)
@@ -433,7 +456,7 @@ def main(argv=None):
             set_rng_state(ckpt["rng"])
     if world > 1:  # each rank draws its own noise
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if ckpt else 0))
-    diff = Diffusion(a.timesteps, device=dev)
+    diff = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, model.num_classes, dev)
     if a.benchmark:
         return run_benchmark(a, dev, model, ema, opt, diff)
     data = None if a.sample_only else load_dataset(a.dataset, a.data_dir)  # before anything is written
