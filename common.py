@@ -1,333 +1,249 @@
-"""Small helpers shared by every script in this repo (copy this file along with any one script).
-
-Timestep / position embeddings, dataset loading into one uint8 tensor, image grids, GIFs, the
-loss plot, atomic checkpoints, device and seed helpers, and `die` (one clear line, exit code 2).
-Nothing here knows about a particular model or objective.
-"""
+"""What the scripts share: flag types, device, embeddings, data, images, LR schedule, EMA, checkpoints, run folder."""
 import argparse
+import atexit
+import contextlib
 import math
 import os
-import random
+import re
+import signal
 import sys
-import time
 
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, ImageDraw
 
 
-# ----------------------------------------------------------------------------- errors, device, seed
+# ----------------------------------------------------------------------------- flags, errors, device
 class UsageError(Exception):
-    """Bad input from the user: reported as one line and exit code 2."""
-
+    """Bad input (exit code 2) or a fault while running (code 1): one line on stderr, no traceback (see cli)."""
+    def __init__(self, msg, code=2):
+        super().__init__(msg)
+        self.code = code
 
 class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit code 2) instead of the usage text."""
-
-    def error(self, message):
+    def error(self, message):  # a bad flag is one line, not the usage text
         raise UsageError(message)
 
+def ranged(kind, lo, hi=math.inf, open_lo=False):
+    """argparse type: a `kind` number in [lo, hi), or in (lo, hi) with open_lo."""
+    def parse(s):
+        if not (lo < kind(s) if open_lo else lo <= kind(s)) or not kind(s) < hi:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if open_lo else '['}{lo}, {hi}) (got {s})")
+        return kind(s)
+    return parse
 
-def die(msg):
-    """Print one clear line to stderr and exit with code 2 (bad input, never a traceback)."""
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+count, size, nonneg, fraction, seed = ranged(int, 0), ranged(int, 1), ranged(float, 0), ranged(float, 0, 1), \
+    ranged(int, 0, 2 ** 32)
+positive = ranged(float, 0, open_lo=True)
 
+def cli(main, argv=None):
+    """main(argv) -> exit code: a UsageError is one line and its code, Ctrl-C outside the training loop 130."""
+    try:
+        return main(argv) or 0
+    except (UsageError, KeyboardInterrupt) as e:
+        print(f"error: {e if isinstance(e, UsageError) else 'interrupted'}", file=sys.stderr)
+        return getattr(e, "code", 130)
 
 def pick_device(name):
-    """'auto' -> cuda, then mps, then cpu; an explicit device that is missing is a UsageError."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise UsageError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
-        if dev.index is not None and dev.index >= n:
-            raise UsageError(f"--device {name}: only {n} CUDA device(s) here (cuda:0..cuda:{n - 1})")
-    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UsageError(f"--device {name}: MPS is not available on this machine")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"unknown device '{name}' (use auto, cpu, cuda, cuda:N or mps)")
-    return dev
-
-
-def seed_everything(seed):
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def rng_state():
-    """Every RNG state that training draws from, for an exact resume."""
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-# ----------------------------------------------------------------------------- embeddings
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (N,) float timesteps -> (N, dim): [cos(t*f_i), sin(t*f_i)], f_i = max_period^(-i/half)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
-
-
-def pos_embed_2d(dim, grid):
-    """Fixed 2-D sin-cos position table (grid*grid, dim): half the channels encode the row, half the column."""
-    assert dim % 4 == 0, "2-D sin-cos position embedding needs dim divisible by 4"
-    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    emb_r = timestep_embedding(rows.flatten(), dim // 2)  # (T, D/2)
-    emb_c = timestep_embedding(cols.flatten(), dim // 2)  # (T, D/2)
-    return torch.cat([emb_r, emb_c], dim=1)  # (T, D)
-
-
-# ----------------------------------------------------------------------------- data
-DATASETS = {  # name -> (torchvision class name, folder under --data-dir, files torchvision looks for)
-    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                     "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
-    "fashion-mnist": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                                           "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", ["data_batch_1", "...", "data_batch_5", "test_batch",
-                                                   "batches.meta"]),
-}
-
-
-def load_dataset(name, data_dir, train=True):
-    """Whole split as (uint8 images (N, C, H, W), int64 labels (N,)) through torchvision's own loaders.
-
-    Downloads when the files are missing and the network allows; otherwise a UsageError naming the
-    folder and the files to place there.
-    """
-    import torchvision  # imported here so scripts that never load data start faster
-
-    if name not in DATASETS:
-        raise UsageError(f"unknown dataset '{name}' (choose from {', '.join(DATASETS)})")
-    cls_name, sub, files = DATASETS[name]
-    cls = getattr(torchvision.datasets, cls_name)
-    if name == "cifar10":  # torchvision md5-checks every batch; accept any copy in the right layout
-        cls = type("CIFAR10", (cls,), {"meta": {**cls.meta, "md5": None}, "_check_integrity": lambda self: all(
-            os.path.isfile(os.path.join(self.root, self.base_folder, f[0])) for f in self.train_list + self.test_list)})
-    try:
-        ds = cls(root=data_dir, train=train, download=True)
-    except Exception as e:  # offline (URLError), a half-written file, ...
-        folder = os.path.join(data_dir, sub)
-        raise UsageError(f"{name} not found in {folder} and could not be downloaded ({type(e).__name__}): "
-                         f"connect to the network or place {', '.join(files)} in {folder}")
-    x = torch.as_tensor(np.asarray(ds.data))
-    x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
-    return x.contiguous(), torch.as_tensor(np.asarray(ds.targets), dtype=torch.long)
-
-
-# ----------------------------------------------------------------------------- images, GIFs, plots
-def to_uint8_grid(x, nrow, pad=2):
-    """(N, C, H, W) floats in [0, 1] -> (rows*(H+pad)+pad, nrow*(W+pad)+pad, C) uint8 grid, filled row by row."""
-    x = x.detach().float().clamp(0, 1).cpu()
-    n, c, h, w = x.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.ones(c, rows * (h + pad) + pad, nrow * (w + pad) + pad)
-    for i in range(n):
-        r, col = divmod(i, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = x[i]
-    return (grid.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-
-
-def _pil(arr, scale):
-    img = Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
-    return img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
-
-
-def save_grid(x, path, nrow, scale=2):
-    """Save (N, C, H, W) images in [0, 1] as one PNG grid with `nrow` images per row."""
-    _pil(to_uint8_grid(x, nrow), scale).save(path)
-
-
-def save_gif(frames, path, nrow, scale=2, duration_ms=60):
-    """Save a list of (N, C, H, W) batches in [0, 1] as an animated GIF (one grid per frame, last frame held)."""
-    imgs = [_pil(to_uint8_grid(f, nrow), scale) for f in frames]
-    durations = [duration_ms] * (len(imgs) - 1) + [1500]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
-
-
-def save_loss_plot(steps, losses, path, title="training loss", size=(640, 400)):
-    """Line plot of loss vs step on a log-scale y axis, drawn with pillow (no matplotlib)."""
-    w, h, m = size[0], size[1], 50
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((m, 10), title, fill="black")
-    d.rectangle([m, m, w - m // 2, h - m], outline="black")
-    pts = [(s, v) for s, v in zip(steps, losses) if v > 0 and math.isfinite(v)]
-    if len(pts) >= 2:
-        s0, s1 = pts[0][0], max(pts[-1][0], pts[0][0] + 1)
-        lo, hi = math.log10(min(v for _, v in pts)), math.log10(max(v for _, v in pts))
-        hi = hi if hi > lo else lo + 1e-3
-        px = lambda s: m + (s - s0) / (s1 - s0) * (w - 1.5 * m)  # noqa: E731
-        py = lambda v: h - m - (math.log10(v) - lo) / (hi - lo) * (h - 2 * m)  # noqa: E731
-        d.line([(px(s), py(v)) for s, v in pts], fill=(31, 119, 180), width=2)
-        for v in (10 ** hi, 10 ** lo):
-            d.text((4, py(v) - 6), f"{v:.3g}", fill="black")
-        d.text((m, h - m + 6), str(s0), fill="black")
-        d.text((w - m - 20, h - m + 6), f"step {s1}", fill="black")
-    img.save(path)
-
-
-# ----------------------------------------------------------------------------- runs: output folder, several GPUs
-OUTPUTS = ("ckpt.pt", "loss.csv", "loss.png", "samples.npz", "grid_*.png", "denoise_*.gif", "compare_*.png",
-           "*.eval.json", "metrics*.csv")
-
-
-def prepare_out_dir(out_dir, resume="", overwrite=False):
-    """Refuse to mix two runs' outputs: a folder holding another run needs --resume of its ckpt or --overwrite."""
-    import glob
-    for f in glob.glob(os.path.join(out_dir, "ckpt.pt.tmp*")):  # left by a run killed mid-save
-        os.remove(f)
-    old = sorted(f for pat in OUTPUTS for f in glob.glob(os.path.join(out_dir, pat)))
-    ckpt = os.path.join(out_dir, "ckpt.pt")
-    if old and not overwrite and not (resume and os.path.abspath(resume) == os.path.abspath(ckpt)):
-        raise UsageError(f"--out-dir {out_dir} already holds a run ({os.path.basename(old[0])}, ...): continue it "
-                         f"with --resume {ckpt}, replace it with --overwrite, or choose another --out-dir")
-    if overwrite and not resume:
-        for f in old:
-            os.remove(f)
-    os.makedirs(out_dir, exist_ok=True)
-
-
-def init_distributed(dev):
-    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPU, gloo on CPU. Returns (rank, world, dev)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, dev
-    import torch.distributed as dist
-    if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_rank(), world, dev
-
+    """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""
+    n = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in n if n[k]) if name == "auto" else name)
+    if not m or int(m[2] or 0) >= n[m[1]]:
+        raise UsageError(f"--device {name}: no such device on this machine (use auto, cpu, cuda, cuda:N or mps)")
+    world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(m[0])
+    if world > 1:  # one GPU a process with NCCL, or gloo on the CPU
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if dev.type == "cuda" else dev
+        torch.cuda.set_device(dev) if dev.type == "cuda" else None
+        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return int(os.environ.get("RANK", 0)), world, dev
 
 def any_rank(flag, world, dev):
-    """True on every rank when `flag` is true on any rank (a no-op for a single process)."""
-    if world == 1:
-        return bool(flag)
-    import torch.distributed as dist
-    t = torch.tensor([float(bool(flag))], device=dev)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    """True on every process when true on any (under DDP call it on every rank at the same step)."""
+    t = torch.tensor(float(bool(flag)), device=dev)
+    if world > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t)
 
 
-# ----------------------------------------------------------------------------- benchmark
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense
+# ----------------------------------------------------------------------------- embeddings, data, images
+def timestep_embedding(t, dim, max_period=10000):
+    """(N,) float times -> (N, dim): [cos(t f_i), sin(t f_i)], f_i = max_period^(-i/half), dim even."""
+    args = t.float()[:, None] * torch.exp(-math.log(max_period) * torch.arange(dim // 2, device=t.device) / (dim // 2))
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim)
+
+def pos_embed_2d(dim, grid):
+    """Fixed 2-D sin-cos table (grid², dim): the first half of the channels encodes the row, the second the column."""
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    return torch.cat([timestep_embedding(rows.flatten(), dim // 2), timestep_embedding(cols.flatten(), dim // 2)], 1)
+
+def load_dataset(name, data_dir, classes=10, train=True):
+    """A whole split as uint8 images (N, C, H, W) and int64 labels (N,) in 0..classes-1, through torchvision."""
+    cls = getattr(torchvision.datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
+    folder = os.path.join(data_dir, f"{cls.__name__}/raw" if name != "cifar10" else cls.base_folder)
+    try:  # downloads into an empty folder when the network allows
+        ds = cls(root=data_dir, train=train, download=not (os.path.isdir(folder) and os.listdir(folder)))
+    except Exception as e:
+        found = os.path.isdir(folder) and os.listdir(folder)
+        raise UsageError(f"{name} {'is corrupt or incomplete in' if found else 'not found in'} {folder} "
+                         f"({type(e).__name__}: {str(e)[:50]}): place torchvision's files there (train-images-idx3-"
+                         f"ubyte, ... or data_batch_1, ...), or empty it and connect to the network")
+    x, y = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(ds.targets).long()
+    if not 0 <= y.min() <= y.max() < classes:
+        raise UsageError(f"{folder} has labels {y.min()}..{y.max()}; {name} needs 0..{classes - 1}")
+    return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(), y
+
+def finite(x):
+    if not torch.isfinite(x).all():
+        raise UsageError("sampling produced NaN/inf (a diverged checkpoint or too large a CFG scale); stopped", 1)
+    return x
+
+def to_image(x, nrow, scale=2):
+    """(N, C, H, W) in [0, 1] -> PIL grid, `nrow` a row, 2 px white lines, each pixel scale x scale."""
+    g = torchvision.utils.make_grid(finite(x).detach().float().cpu().clamp(0, 1), nrow=nrow, pad_value=1)[:x.shape[1]]
+    img = Image.fromarray((g.permute(1, 2, 0).squeeze(-1) * 255 + 0.5).byte().numpy())
+    return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+
+def save_samples(draw, dev, classes, scales, out, tag, seed, view=lambda x: (x + 1) / 2, n=10):
+    """One grid per CFG scale (row = class; scales None: unconditional) and a GIF of the last, from one batched draw."""
+    y = torch.arange(classes, device=dev).repeat_interleave(n).repeat(len(scales or [1]))
+    scale = torch.tensor(scales or [1.0], device=dev).repeat_interleave(classes * n).view(-1, 1, 1, 1)
+    x, snaps = draw(y, scale, torch.Generator(dev).manual_seed(seed), frames=40)  # snaps: (N, C, H, W) each
+    for i, s in enumerate(scales or [None]):
+        name = f"grid_{tag}.png" if s is None else f"grid_{tag}_cfg{s:g}.png"
+        to_image(view(x[i * classes * n:(i + 1) * classes * n]), n).save(os.path.join(out, name))
+    gif = [to_image(view(f[-classes * n:]), n) for f in snaps]
+    gif[0].save(f"{out}/denoise_{tag}.gif", save_all=True, append_images=gif[1:], duration=[60] * len(gif[1:]) + [1500])
+    return x, y
+
+def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
+    """samples.npz, written atomically: x in [0, 1] (N, C, H, W) and balanced labels y (none when classes = 0)."""
+    y, gen = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1)
+    x = finite(torch.cat([draw(b.to(dev), scale, gen)[0] for b in y.split(500)]))
+    z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy()} if classes else {}), **meta)
+    atomic_write(f"{out}/samples.npz", lambda f: np.savez_compressed(f, **z))
+    print(f"wrote {out}/samples.npz: {num} samples, " + ", ".join(f"{k} {v}" for k, v in meta.items()))
+    return x, y
+
+def save_loss(log, out, title, w=640, h=400, m=40):
+    """loss.csv (step, mean loss since the row before) and loss.png (log10 loss against step)."""
+    with open(f"{out}/loss.csv", "w") as f:
+        f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
+    pts, img = [(s, math.log10(v)) for s, v in log if 0 < v < math.inf] or [(0, 0)], Image.new("RGB", (w, h), "white")
+    (s0, lo), (s1, hi) = [(min(p), max(p) + 1e-3) for p in zip(*pts)]
+    xy = [(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts]
+    ImageDraw.Draw(img).line(xy, fill=(31, 119, 180), width=2)
+    ImageDraw.Draw(img).text((m, 10), f"{title}: {10 ** hi:.3g} .. {10 ** lo:.3g}, log scale, steps {s0}..{s1}", "black")
+    img.save(f"{out}/loss.png")
 
 
-def benchmark(train_step, sample_fn, batch, dev, steps=20, warmup=5):
-    """Time `train_step()` (one optimiser step on `batch` images) and `sample_fn()`; print img/s, memory, MFU."""
-    from torch.utils.flop_counter import FlopCounterMode
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    with FlopCounterMode(display=False) as fc:
-        train_step()
-    flops = fc.get_total_flops()  # forward + backward of one step, counted by torch
-    for _ in range(warmup):
-        train_step()
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step()
-    sync()
-    dt = (time.perf_counter() - t0) / steps
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
-        __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss / 2**20
-    print(f"benchmark on {name}: batch {batch}, step {dt * 1e3:.3g} ms, {batch / dt:.4g} img/s, "
-          f"{flops / batch / 1e9:.3g} GFLOP/img, {flops / dt / 1e12:.3g} TFLOP/s, "
-          f"MFU {f'{flops / dt / peak:.1%} of bf16 peak' if peak else 'n/a'}, peak memory {mem:.3g} GiB")
-    sample_fn()  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    what = sample_fn()
-    sync()
-    print(f"benchmark sampling: {what} in {time.perf_counter() - t0:.3g} s")
-    return batch / dt
-
-
-# ----------------------------------------------------------------------------- training helpers
+# ----------------------------------------------------------------------------- training
 def lr_at(step, lr, warmup, total):
     """Linear warm-up over `warmup` steps, then cosine decay to 0 at step `total`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
-
 @torch.no_grad()
 def ema_update(ema, model, step, decay):
     """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
-    d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)  # e <- d*e + (1-d)*m
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - min(decay, (1 + step) / (10 + step)))
 
-
-def save_loss(log, out_dir, title):
-    """loss.csv (step, mean loss since the previous row) and loss.png."""
-    with open(os.path.join(out_dir, "loss.csv"), "w") as f:
-        f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
-    save_loss_plot([s for s, _ in log], [v for _, v in log], os.path.join(out_dir, "loss.png"), title)
-
-
-def take_recipe(a, ckpt, path, parser, keys):
-    """Set args `keys` (model sizes, training recipe) from a checkpoint; a flag given that contradicts it is an error."""
-    for k in keys:
-        mine, theirs = getattr(a, k), ckpt["args"][k]
-        if mine != parser.get_default(k) and mine != theirs:
-            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {theirs}, but this command asks for {mine}")
-        setattr(a, k, theirs)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path):
-    """torch.save to a temp file in the same folder, then rename: a crash mid-save keeps the old file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, script):
-    """Load a checkpoint written by `script`; any problem is a UsageError saying which file and why."""
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
+@contextlib.contextmanager
+def stop_signals():
+    """Inside: Ctrl-C and SIGTERM only set a flag (the loop saves and stops at a step); the old handlers after."""
+    stop = []
+    old = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- checkpoints, the run folder
+def atomic_write(path, write):
+    """write(temp file), then rename over `path`: a kill or a full disk keeps the old file and leaves no temp file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise UsageError(f"could not write {path} ({e}); {'the previous one is kept' if os.path.exists(path) else ''}", 1)
+
+def save_checkpoint(ckpt, path):
+    """A plain dict of tensors and plain values, written atomically; weights that are not finite are never written."""
+    if not all(v.isfinite().all() for k in ("model", "ema") for v in ckpt[k].values() if v.is_floating_point()):
+        raise UsageError(f"weights are NaN/inf at step {ckpt['step']} (try a lower --lr); nothing saved"
+                         + (f", {path} keeps the last good state" if os.path.exists(path) else ""), 1)
+    atomic_write(path, lambda f: torch.save(ckpt, f))
+
+def load_checkpoint(path, script, keys=("model", "ema", "opt", "step", "args", "rng", "world")):
+    """torch.load(weights_only=True): tensors and plain values only, no code runs; any problem is one UsageError."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UsageError(f"checkpoint {path} is truncated or corrupt ({type(e).__name__}: {str(e)[:80]})")
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
-        raise UsageError(f"checkpoint {path} is not a checkpoint of this repo")
-    if ckpt.get("script") != script:
-        raise UsageError(f"checkpoint {path} was written by {ckpt.get('script', 'another program')}.py, "
-                         f"not {script}.py")
+        raise UsageError(f"checkpoint {path} " + ("does not exist" if not os.path.isfile(path) else "holds objects "
+                         "other than tensors and plain values: refused" if "GLOBAL" in str(e) or "class" in str(e)
+                         else f"is truncated or corrupt ({str(e)[:60]})"))
+    got = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if got != script or any(k not in ckpt for k in keys):
+        raise UsageError(f"checkpoint {path} " + (f"was written by {got or 'another program'}, not {script}.py"
+                         if got != script else f"lacks {', '.join(k for k in keys if k not in ckpt)}"))
     return ckpt
 
+def load_state(ckpt, path, model, ema, opt=None):
+    """Weights from a checkpoint and, given the optimiser (a resume), its state and the RNG; a mismatch: one line."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        if opt:
+            opt.load_state_dict(ckpt["opt"])
+            torch.set_rng_state(ckpt["rng"][0])
+            torch.cuda.set_rng_state_all(ckpt["rng"][1:]) if len(ckpt["rng"]) > 1 else None
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise UsageError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:100]})")
 
-def format_time(seconds):
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+FREE = {"epochs", "max_steps", "log_every", "sampler", "sample_steps", "eta", "cfg_scales", "num_samples", "device",
+        "amp", "compile", "data_dir", "out_dir", "resume", "ckpt", "sample_only", "overwrite"}  # the rest: the recipe
+
+def parse_args(parser, argv, quick, script):
+    """-> (args, checkpoint or None). --quick swaps in the small recipe's defaults; --resume / --ckpt PATH brings every
+    flag of that run (out-dir: the checkpoint's folder), and a flag named beside it outside FREE must agree."""
+    p, q = parser(), parser()
+    p.set_defaults(**quick if p.parse_args(argv).quick else {})
+    a = p.parse_args(argv)
+    for act in q._actions:  # re-parsed with no defaults: only the flags the command names
+        act.default = argparse.SUPPRESS
+    given, path = vars(q.parse_args(argv)), a.resume or a.ckpt
+    ckpt = load_checkpoint(path, script) if path else None
+    for k, v in given.items() if ckpt else []:
+        if k not in FREE and ckpt["args"].get(k) != v:
+            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {ckpt['args'].get(k)}, but this command "
+                             f"asks for {v}")
+    mine = {k: getattr(a, k) for k in ("resume", "ckpt", "sample_only", "overwrite")}
+    return (argparse.Namespace(**{**vars(a), **ckpt["args"], **mine, "out_dir": os.path.dirname(path) or ".", **given})
+            if ckpt else a), ckpt
+
+def claim_out_dir(out, fresh):
+    """Own --out-dir while the run lives: a lock file with our pid (also the write probe); refusals are one line."""
+    lock = os.path.join(out, ".lock")
+    try:
+        os.makedirs(out, exist_ok=True)
+        pid = int(open(lock).read() or 0) if os.path.exists(lock) else 0
+        with contextlib.suppress(ProcessLookupError):  # no such process: the lock of a killed run
+            if pid not in (0, os.getpid()) and not os.kill(pid, 0):
+                raise UsageError(f"--out-dir {out} is in use by a live run (pid {pid}); choose another --out-dir")
+        with open(lock, "w") as f:
+            f.write(str(os.getpid()))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--out-dir {out} is not a writable folder ({e})")
+    atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+    if fresh and os.path.exists(f"{out}/ckpt.pt"):
+        raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, start over "
+                         f"with --overwrite, or choose another --out-dir")
+    for f in [f for f in os.listdir(out) if ".tmp" in f]:  # temp files of a run that was killed
+        os.remove(f"{out}/{f}")

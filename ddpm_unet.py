@@ -1,137 +1,100 @@
-"""The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) predicting the noise,
-on MNIST, Fashion-MNIST or CIFAR-10; unconditional by default, class-conditional with CFG under --cond.
+"""The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) trained as a Gaussian
+diffusion on MNIST, Fashion-MNIST or CIFAR-10; unconditional by default, class-conditional with CFG under --cond.
+The diffusion (schedules, eps / v / x0 prediction, min-SNR-γ, DDPM / DDIM / DPM-Solver++ samplers) is dit_ddpm.py's.
 
-    python ddpm_unet.py --epochs 20 --device cuda                  # reference config (64 wide, mults 1 2 2), MNIST
-    python ddpm_unet.py --base-channels 16 --num-res-blocks 1 --dropout 0 --batch-size 32 --lr 1e-3 \
-        --epochs 3 --warmup-steps 100                              # CPU-sized MNIST digits (0.27M params)
-    python ddpm_unet.py --dataset cifar10 --base-channels 128 --channel-mults 1 2 2 2 --attn-res 16 \\
-        --cond --epochs 200 --device cuda                          # DDPM's CIFAR-10 UNet (35.7M params) + labels
-    python ddpm_unet.py --sample-only --ckpt runs/ddpm_unet/ckpt.pt --num-samples 1000 --sampler ddpm --var beta
+    python ddpm_unet.py --quick --device cpu                 # the small CPU recipe (QUICK below)
+    python ddpm_unet.py --epochs 20 --device cuda            # reference config (64 wide, mults 1 2 2), MNIST
+    python ddpm_unet.py --dataset cifar10 --base-channels 128 --channel-mults 1 2 2 2 --attn-res 16 --cond \\
+        --epochs 200 --device cuda                           # DDPM's CIFAR-10 UNet (35.7M params) + labels
+    python ddpm_unet.py --resume runs/ddpm_unet/ckpt.pt      # continue a stopped run with all its flags
+    python ddpm_unet.py --sample-only --ckpt runs/ddpm_unet/ckpt.pt --num-samples 1000 --sampler ddpm
 
-Writes to --out-dir (default runs/ddpm_unet): per epoch a 10x10 grid of samples (grid_eNNN.png; with --cond
-one grid per CFG scale, grid_eNNN_cfgS.png, row = class 0..9), a GIF of the reverse process (denoise_eNNN.gif)
-and ckpt.pt; at the end loss.csv and loss.png; with --num-samples N also samples.npz (x in [0, 1], labels y
-with --cond) for evaluate.py.
-
-Resolutions: the UNet halves the image once per --channel-mults entry after the first; the input is zero-padded
-(and the output cropped) to the next multiple of 2^(levels-1). MNIST with 3 levels runs at 28, 14, 7 unpadded;
-4 levels pad 28 to 32. CIFAR-10 runs at 32, 16, 8(, 4). --attn-res names resolutions of that plan.
-Guidance (--cond): eps = eps_null + s * (eps_cond - eps_null), so s = 0 is unconditional, s = 1 plain conditional.
+Writes to --out-dir: per epoch a 10x10 grid (grid_eNNN.png; with --cond one per CFG scale, grid_eNNN_cfgS.png,
+row = class) and a GIF of the reverse process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with
+--num-samples N also samples.npz (labels y with --cond) for evaluate.py. The UNet halves the image once per
+--channel-mults entry after the first, zero-padding the input (and cropping the output) to a multiple of
+2^(levels-1): MNIST with 3 levels runs at 28, 14, 7; --attn-res names resolutions of that plan.
 """
 import argparse
 import copy
 import math
-import os
-import signal
-import sys
+import shlex
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (UsageError, any_rank, atomic_save, benchmark, die, ema_update, format_time, init_distributed,
-                    load_checkpoint, load_dataset, lr_at, pick_device, prepare_out_dir, rng_state, save_gif,
-                    save_grid, save_loss, seed_everything, set_rng_state, take_recipe, timestep_embedding)
+from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
+                    load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
+                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, write_npz)
 
-SCRIPT = "ddpm_unet"
-DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # channels, size, classes
-HFLIP = {"cifar10"}  # datasets trained with random horizontal flips (never digits)
-# the model and training recipe come from the checkpoint on --resume / --sample-only
-RECIPE = ["dataset", "base_channels", "channel_mults", "num_res_blocks", "attn_res", "dropout", "cond", "timesteps",
-          "batch_size", "lr", "weight_decay", "warmup_steps", "ema_decay", "label_dropout", "grad_clip", "seed"]
+SCRIPT, DATA = "ddpm_unet", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
+QUICK = dict(cond=True, base_channels=32, batch_size=64, epochs=2, lr=2e-3, warmup_steps=100, cfg_scales=[3.0])  # --quick
 
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist | cifar10")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
+    p.add_argument("--dataset", default="mnist", choices=DATA, help="cifar10 is trained with horizontal flips")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
-    p.add_argument("--seed", type=int, default=0)
-    # model
-    p.add_argument("--base-channels", type=int, default=64, help="width of the first level (CIFAR-10: 128)")
-    p.add_argument("--channel-mults", type=int, nargs="+", default=[1, 2, 2], help="width multiple per level")
-    p.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per level on the way down")
-    p.add_argument("--attn-res", type=int, nargs="*", default=[],
-                   help="resolutions with self-attention after each block (the middle always has one)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--base-channels", type=size, default=64, help="width of the first level (CIFAR-10: 128)")
+    p.add_argument("--channel-mults", type=size, nargs="+", default=[1, 2, 2], help="width multiple per level")
+    p.add_argument("--num-res-blocks", type=size, default=2, help="residual blocks per level on the way down")
+    p.add_argument("--attn-res", type=size, nargs="*", default=[], help="resolutions with self-attention")
+    p.add_argument("--dropout", type=fraction, default=0.1)
     p.add_argument("--cond", action="store_true", help="class-conditional, with label dropout and CFG")
-    # diffusion
-    p.add_argument("--timesteps", type=int, default=1000)
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class (--cond)")
-    # training
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--timesteps", type=size, default=1000)
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
+    p.add_argument("--prediction", default="eps", choices=["eps", "v", "x0"], help="what the network predicts")
+    p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
+    p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
+    p.add_argument("--epochs", type=size, default=20)
+    p.add_argument("--max-steps", type=count, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch-size", type=size, default=128, help="per process")
+    p.add_argument("--lr", type=positive, default=2e-4, help="peak; linear warm-up, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=nonneg, default=0.0)
+    p.add_argument("--warmup-steps", type=count, default=200)
+    p.add_argument("--grad-clip", type=nonneg, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--resume", default="", help="continue training from this checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out-dir")
-    p.add_argument("--benchmark", action="store_true", help="time training steps and sampling on random data")
-    # sampling
+    p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
+    p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a run")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="ddim", help="ddpm (ancestral, all steps) | ddim")
-    p.add_argument("--var", default="posterior", help="ddpm variance: posterior (β̃_t) | beta (β_t)")
-    p.add_argument("--sample-steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--eta", type=float, default=1.0,
-                   help="DDIM noise: 1 = DDPM posterior on the strided steps, 0 deterministic (noisy grids\n"
-                        "from a briefly trained 1000-step model)")
-    p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0], help="with --cond only")
-    p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
+    p.add_argument("--sample-steps", type=size, default=50, help="model evaluations for ddim and dpm++")
+    p.add_argument("--eta", type=nonneg, default=1.0, help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
+    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0 unconditional, 1 conditional")
+    p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     return p
 
 
-def resolutions(a):
-    """The UNet's resolution plan: the padded input size halved once per level after the first."""
-    k = 2 ** (len(a.channel_mults) - 1)
-    size = -(-DATA_SHAPES[a.dataset][1] // k) * k
-    return [size // 2 ** i for i in range(len(a.channel_mults))]
-
-
-def check_args(a):
-    """Every out-of-range flag is a UsageError (one line, exit 2) before anything is written."""
-    if a.dataset not in DATA_SHAPES:
-        raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
-    if a.sampler not in ("ddpm", "ddim"):
-        raise UsageError(f"unknown --sampler '{a.sampler}' (choose ddpm or ddim)")
-    if a.var not in ("posterior", "beta"):
-        raise UsageError(f"unknown --var '{a.var}' (choose posterior or beta)")
-    for name in ("base_channels", "num_res_blocks", "timesteps", "epochs", "batch_size", "sample_steps", "log_every"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    for name in ("max_steps", "num_samples", "warmup_steps", "weight_decay", "grad_clip", "eta"):
-        if getattr(a, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise UsageError(f"--lr must be a positive number (got {a.lr})")
-    if a.base_channels % 4:
-        raise UsageError(f"--base-channels must be a multiple of 4 (GroupNorm groups), got {a.base_channels}")
-    if min(a.channel_mults) < 1:
-        raise UsageError(f"--channel-mults must be integers >= 1 (got {a.channel_mults})")
-    plan = resolutions(a)
-    if plan[-1] < 2:
-        raise UsageError(f"--channel-mults: {len(a.channel_mults)} levels shrink {plan[0]}x{plan[0]} below 2x2")
-    if any(r not in plan for r in a.attn_res):
-        raise UsageError(f"--attn-res {a.attn_res}: not a resolution of this UNet ({', '.join(map(str, plan))})")
-    if not (0 <= a.dropout < 1) or not (0 <= a.label_dropout < 1) or not (0 <= a.ema_decay < 1):
-        raise UsageError("--dropout, --label-dropout and --ema-decay must be in [0, 1)")
-    if any(not math.isfinite(s) or s < 0 for s in a.cfg_scales):
-        raise UsageError(f"--cfg-scales must be finite and >= 0 (got {a.cfg_scales})")
-    if a.sampler == "ddim" and a.sample_steps > a.timesteps:
-        raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
+def check(a):
+    """The cross-flag checks argparse cannot make."""
+    plan = resolutions(DATA[a.dataset][1], len(a.channel_mults))
+    for bad, msg in [(a.base_channels % 4, "--base-channels must be a multiple of 4 (GroupNorm groups)"),
+                     (plan[-1] < 2, f"--channel-mults: {len(plan)} levels shrink {plan[0]}x{plan[0]} below 2x2"),
+                     (set(a.attn_res) - set(plan), f"--attn-res must name resolutions of this UNet {plan}"),
+                     (a.sampler != "ddpm" and a.sample_steps > a.timesteps, "--sample-steps must be <= --timesteps"),
+                     (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
+        if bad:
+            raise UsageError(msg)
 
 
 # ----------------------------------------------------------------------------- model
+def resolutions(size, levels):
+    """The UNet's resolution plan: the input zero-padded to a multiple of 2^(levels-1), halved once a level."""
+    size = -(-size // 2 ** (levels - 1)) * 2 ** (levels - 1)
+    return [size // 2 ** i for i in range(levels)]
+
+
 def norm(ch):
     """GroupNorm: 32 groups as in DDPM once there are 4+ channels per group, fewer for narrow nets."""
     return nn.GroupNorm(math.gcd(32, ch // 4), ch)
@@ -234,268 +197,200 @@ class UNet(nn.Module):
         return h[:, :, p // 2:p // 2 + self.img_size, p // 2:p // 2 + self.img_size]
 
 
-def build_model(a):
-    channels, size, classes = DATA_SHAPES[a.dataset]
-    return UNet(size, channels, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout,
-                classes if a.cond else 0)
-
-
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
-    """DDPM with a linear beta schedule and an eps-predicting model."""
+    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
 
-    def __init__(self, timesteps, beta_start=1e-4, beta_end=0.02, device="cpu"):
-        self.T = timesteps
-        betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
-        abar = torch.cumprod(1 - betas, dim=0)  # ᾱ_t = Π_{s<=t} (1 - β_s)
-        self.betas, self.abar = betas.float().to(device), abar.float().to(device)
-
-    def q_sample(self, x0, t, eps):
-        a = self.abar[t].view(-1, 1, 1, 1)
-        return a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ_t x0 + √(1-ᾱ_t) ε  ~ q(x_t | x0)
+    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
+                 num_classes=10, device="cpu"):
+        self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
+        self.label_dropout, self.null = label_dropout, num_classes  # label `num_classes` is the null label
+        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
+            betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
+            f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+        self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
     def abar_at(self, t):  # ᾱ_{-1} = 1: the step after t = 0 is the clean image
         return self.abar[t] if t >= 0 else torch.ones((), device=self.abar.device)
 
-    def ddpm_step(self, x, t, eps, noise, var="posterior"):
-        """Ancestral step x_t -> x_{t-1} with σ² = β̃_t (posterior) or β_t (beta); no noise on the last step."""
-        beta, a, a_prev = self.betas[t], self.abar[t], self.abar_at(t - 1)
-        mean = (x - beta / (1 - a).sqrt() * eps) / (1 - beta).sqrt()  # μ = (x_t - β_t/√(1-ᾱ_t) ε) / √α_t
-        post = beta * (1 - a_prev) / (1 - a)  # β̃_t = β_t (1-ᾱ_{t-1}) / (1-ᾱ_t), 0 at t = 0
-        return mean + (post if var == "posterior" or t == 0 else beta).sqrt() * noise
+    @staticmethod
+    def lam(a):  # half log-SNR λ = log(√ᾱ / √(1-ᾱ)); +∞ for the clean image
+        return 0.5 * torch.log(a / (1 - a)) if a < 1 else torch.tensor(math.inf, device=a.device)
 
-    def ddim_step(self, x, t, t_prev, eps, eta, noise):
-        """DDIM step x_t -> x_{t_prev}; eta = 0 is deterministic, eta = 1 with t_prev = t-1 is DDPM."""
-        a, a_prev = self.abar[t], self.abar_at(t_prev)
-        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()  # x0 predicted from ε
-        sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()  # σ = η √((1-ᾱ')/(1-ᾱ) (1-ᾱ/ᾱ'))
-        return a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+    def loss(self, model, x0, y):
+        """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
+        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
+        t = torch.randint(0, self.T, (len(y),), device=y.device)
+        eps = torch.randn_like(x0)
+        a = self.abar[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
+        target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
+        mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
+        return (self.weight(a.flatten()) * mse).mean()
 
+    def weight(self, a):
+        """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
+        if not self.snr_gamma:
+            return torch.ones_like(a)
+        snr = a / (1 - a)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
+        return snr.clamp(max=self.snr_gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
 
-def guided_eps(model, x, t, y, scale):
-    """Unconditional model: ε_θ(x, t). Conditional: CFG in one batched forward, eps_null + s (eps_cond - eps_null)."""
-    if not model.cond:
-        return model(x, t).float()
-    null = torch.full_like(y, model.num_classes)
-    eps_cond, eps_null = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
-    return eps_null + scale * (eps_cond - eps_null)
+    def denoise(self, out, x, t):
+        """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
+        a = self.abar[t]
+        x0 = {"eps": lambda: (x - (1 - a).sqrt() * out) / a.sqrt(), "v": lambda: a.sqrt() * x - (1 - a).sqrt() * out,
+              "x0": lambda: out}[self.prediction]().clamp(-1, 1)
+        return x0, (x - a.sqrt() * x0) / (1 - a).sqrt()
 
+    def guided(self, model, x, t, y, scale, amp=False):
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
+        tt, null = torch.full((len(y),), t, device=y.device), torch.full_like(y, self.null)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            if not model.cond:  # an unconditional UNet: one forward, nothing to guide
+                return model(x, tt).float()
+            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+        return uncond + scale * (cond - uncond)
 
-@torch.no_grad()
-def sample(model, diff, n, y=None, scale=1.0, sampler="ddim", steps=50, eta=1.0, var="posterior", gen=None,
-           frames=0, amp=False):
-    """Draw n images in [-1, 1] (labels y for a conditional model; `frames` snapshots of the reverse process)."""
-    dev = next(model.parameters()).device
-    rand = lambda: torch.randn(n, model.channels, model.img_size, model.img_size, device=dev, generator=gen)  # noqa
-    x = rand()
-    ts = list(range(diff.T - 1, -1, -1)) if sampler == "ddpm" else \
-        torch.linspace(diff.T - 1, 0, steps).round().long().tolist()
-    snaps, every = [x], max(1, len(ts) // frames) if frames else 0
-    for i, t in enumerate(ts):
-        tt = torch.full((n,), t, device=dev, dtype=torch.long)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-            eps = guided_eps(model, x, tt, y, scale)
-        noise = rand() if (sampler == "ddpm" or eta > 0) else torch.zeros_like(x)
-        if sampler == "ddpm":
-            x = diff.ddpm_step(x, t, eps, noise, var)
-        else:
-            x = diff.ddim_step(x, t, ts[i + 1] if i + 1 < len(ts) else -1, eps, eta, noise)
-        if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
-            snaps.append(x)
-    return x.clamp(-1, 1), snaps
+    @torch.no_grad()
+    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0, amp=False):
+        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process).
+
+        ddpm: ancestral over all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M).
+        """
+        shape = (len(y), model.channels, model.img_size, model.img_size)
+        x = torch.randn(shape, device=y.device, generator=gen)
+        ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else \
+            torch.linspace(self.T - 1, 0, steps).round().long().tolist()  # then the clean image
+        eta = 1.0 if sampler == "ddpm" else eta
+        snaps, every, x0_prev = [x], max(1, len(ts) // frames) if frames else 0, None
+        for i, t in enumerate(ts):
+            s = ts[i + 1] if i + 1 < len(ts) else -1  # the next step; -1 is the clean image
+            a, a_s = self.abar_at(t), self.abar_at(s)
+            x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
+            if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
+                h = self.lam(a_s) - self.lam(a)
+                D = x0
+                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
+                    r = h_prev / h
+                    D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
+                x = ((1 - a_s) / (1 - a)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
+                x0_prev, h_prev = x0, h
+            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
+                sigma = eta * ((1 - a_s) / (1 - a) * (1 - a / a_s)).sqrt()
+                noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
+                x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+            if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
+                snaps.append(x)
+        return x.clamp(-1, 1), snaps
 
 
 # ----------------------------------------------------------------------------- training
-def hflip(x):
-    """Mirror each image of (N, C, H, W) left-right with probability 1/2 (on the device, one draw per image)."""
-    return torch.where(torch.rand(len(x), 1, 1, 1, device=x.device) < 0.5, x.flip(3), x)
+def outputs(a, obj, ema, dev, tag, npz=False):
+    """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz also samples.npz."""
+    draw = lambda y, s, gen, frames=0: obj.sample(ema, y, s, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)  # noqa: E731
+    if tag:
+        save_samples(draw, dev, 10, a.cfg_scales if a.cond else None, a.out_dir, tag, a.seed)
+    if npz and a.num_samples:
+        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed,
+                  **({"cfg_scale": a.cfg_scales[0]} if a.cond else {}), sampler=a.sampler, eta=a.eta,
+                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps)
 
 
-def save_samples(a, ema, diff, dev, tag, amp):
-    """10x10 samples (conditional: one grid per CFG scale, row = class) and a GIF of the last grid, one batch."""
-    n, scale, y = 100, 1.0, None
-    if ema.cond:
-        y = torch.arange(ema.num_classes, device=dev).repeat_interleave(10).repeat(len(a.cfg_scales))
-        scale = torch.tensor(a.cfg_scales, device=dev).repeat_interleave(100).view(-1, 1, 1, 1)
-        n = len(y)
-    gen = torch.Generator(dev).manual_seed(a.seed)  # fixed noise: grids are comparable across epochs
-    x, snaps = sample(ema, diff, n, y, scale, a.sampler, a.sample_steps, a.eta, a.var, gen, frames=40, amp=amp)
-    x = (x + 1) / 2
-    names = [f"grid_{tag}_cfg{s:g}.png" for s in a.cfg_scales] if ema.cond else [f"grid_{tag}.png"]
-    for i, name in enumerate(names):
-        save_grid(x[i * 100:(i + 1) * 100], os.path.join(a.out_dir, name), 10)
-    save_gif([(f[-100:].clamp(-1, 1) + 1) / 2 for f in snaps], os.path.join(a.out_dir, f"denoise_{tag}.gif"), 10)
-
-
-def write_npz(a, ema, diff, dev, amp, chunk=500):
-    """samples.npz: num-samples images (x in [0, 1], (N, C, H, W)); conditional: balanced labels y, first CFG scale."""
-    y_all = torch.arange(a.num_samples) % max(1, ema.num_classes)
-    gen = torch.Generator(dev).manual_seed(a.seed + 1)
-    xs = [sample(ema, diff, len(y), y.to(dev) if ema.cond else None, a.cfg_scales[0], a.sampler, a.sample_steps,
-                 a.eta, a.var, gen, amp=amp)[0] for y in y_all.split(chunk)]
-    x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
-    path = os.path.join(a.out_dir, "samples.npz")
-    extra = dict(y=y_all.numpy(), cfg_scale=a.cfg_scales[0]) if ema.cond else {}
-    np.savez_compressed(path, x=x, sampler=a.sampler, eta=a.eta,
-                        sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, **extra)
-    cfg = f"cfg scale {a.cfg_scales[0]:g}, " if ema.cond else ""
-    print(f"wrote {path}: {len(x)} samples, {cfg}sampler {a.sampler}")
-
-
-def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
-    """One optimiser step on a batch (x0 in [-1, 1]); returns the loss as a tensor (no host sync)."""
-    if model.cond:
-        y = torch.where(torch.rand(len(y), device=y.device) < a.label_dropout, model.num_classes, y)  # CFG dropout
-    t = torch.randint(0, diff.T, (len(x0),), device=x0.device)
-    eps = torch.randn_like(x0)
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=a.amp):
-        pred = net(diff.q_sample(x0, t, eps), t, y if model.cond else None)
-    loss = F.mse_loss(pred.float(), eps)  # L = E ||ε - ε_θ(x_t, t[, y])||²
+def train_step(a, net, opt, obj, x, y, lr):
+    """One optimiser step on obj.loss for a batch x in [-1, 1]; returns the loss as a tensor (no host sync)."""
     for g in opt.param_groups:
-        g["lr"] = lr_at(step, a.lr, a.warmup_steps, total)
+        g["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        loss = obj.loss(net, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
+    nn.utils.clip_grad_norm_(net.parameters(), a.grad_clip or math.inf)
     opt.step()
-    ema_update(ema, model, step, a.ema_decay)
     return loss.detach()
 
 
-def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index, host syncs only to log."""
-    x_all, y_all = data[0].to(dev), data[1].to(dev)
-    B, N = a.batch_size, len(x_all)
-    per_epoch = N // (B * world)  # every rank takes its own B images of the shared permutation
+def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
+    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
+    (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
+    per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total = a.epochs * per_epoch
-    stop_at = min(total, a.max_steps) if a.max_steps else total
-    step, log = (ckpt["step"], ckpt["loss_log"]) if ckpt else (0, [])
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    net = torch.compile(net) if a.compile else net
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
-
-    def checkpoint():
-        if rank == 0:
-            atomic_save({"script": SCRIPT, "model": model.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "step": step, "epoch": step // per_epoch, "args": vars(a),
-                         "rng": rng_state(), "loss_log": log}, os.path.join(a.out_dir, "ckpt.pt"))
-
-    say = print if rank == 0 else (lambda *_, **__: None)
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {N} images, {world} "
-        f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
-    loss_sum, n_sum, t0, s0 = torch.zeros((), device=dev), 0, time.time(), step
-    while step < stop_at:
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
-        for i in range(i, per_epoch):
-            idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
-            x0 = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-            x0 = hflip(x0) if a.dataset in HFLIP else x0
-            loss_sum += train_step(a, net, model, ema, opt, diff, x0, y_all[idx], step, total)
-            n_sum, step = n_sum + 1, step + 1
-            logging = step % a.log_every == 0 or step == stop_at
-            if logging:
-                mean = loss_sum.item() / n_sum  # the only host sync
-                if not math.isfinite(mean):
-                    print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
-                          f"last good state (try a lower --lr)", file=sys.stderr)
-                    sys.exit(1)
-                log.append((step, mean))
-                ips = (step - s0) * B * world / (time.time() - t0)
-                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {mean:.4f} "
-                    f"img/s {ips:.0f} eta {format_time((stop_at - step) * B * world / ips)}", flush=True)
-                loss_sum.zero_()
-                n_sum = 0
-            if (logging or world == 1) and any_rank(stop, world, dev):  # all ranks stop at the same step
-                checkpoint()
-                say(f"interrupted at step {step}; checkpoint saved. Resume with:\n  python {SCRIPT}.py --resume "
-                    f"{a.out_dir}/ckpt.pt --out-dir {a.out_dir} --data-dir {a.data_dir} --epochs {a.epochs}")
-                return
-            if step == stop_at:
-                break
-        if rank == 0:
-            save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", a.amp)
-        checkpoint()
-        t0, s0 = time.time(), step  # img/s and ETA count training only
-    if rank == 0:
-        save_loss(log, a.out_dir, f"{SCRIPT}: training loss (MSE on eps)")
-        if a.num_samples:
-            write_npz(a, ema, diff, dev, a.amp)
-    say(f"done: {step} steps; outputs in {a.out_dir}")
+    stop_at = min(total, a.max_steps or total)
+    step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net, acc, halt, t0, s0 = torch.compile(net) if a.compile else net, torch.tensor(acc, device=dev), False, time.time(), step
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
+          f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}") if rank == 0 else None
+    with stop_signals() as stop:
+        while step < stop_at and not halt:
+            epoch, i0 = divmod(step, per_epoch)
+            perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
+            for i in range(i0, per_epoch):
+                idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
+                x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
+                x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.5, x.flip(3), x) if a.dataset == "cifar10" else x
+                acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
+                ema_update(ema, model, step, a.ema_decay)
+                step, n = step + 1, n + 1
+                if step % a.log_every == 0 or step == stop_at:
+                    log.append((step, acc.item() / n))  # the only host sync
+                    if not math.isfinite(log[-1][1]):
+                        raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
+                    ips = (step - s0) * B * world / (time.time() - t0)
+                    print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                          f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True) if rank == 0 else None
+                    acc, n = acc * 0, 0
+                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
+                if step == stop_at or halt:
+                    break
+            if rank == 0:  # the checkpoint first: sampling cannot lose it
+                save_checkpoint(dict(script=SCRIPT, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                     step=step, args=vars(a), world=world, loss_log=log, loss_acc=(acc.item(), n),
+                                     rng=[torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]), path)
+                save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
+                if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
+                    outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
+            t0, s0 = time.time(), step  # img/s and ETA count training only
+    if rank == 0 and halt:
+        print(f"stopped at step {step}; resume with:\n  {f'torchrun --nproc_per_node={world}' if world > 1 else 'python'} "
+              f"{SCRIPT}.py --resume {shlex.quote(path)}")
+    return halt
 
 
-def run_benchmark(a, dev, model, ema, opt, diff):
-    """--benchmark: training steps on random data and one sampling run of 100 images; writes nothing."""
-    C, S, K = DATA_SHAPES[a.dataset]
-    x0, y = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1, torch.arange(a.batch_size, device=dev) % K
-    net = torch.compile(model) if a.compile else model
-    y100 = torch.arange(100, device=dev) % K if model.cond else None
-    steps = a.sample_steps if a.sampler == "ddim" else a.timesteps
-
-    def sample_100():
-        sample(ema, diff, 100, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, a.eta, a.var, amp=a.amp)
-        return f"100 samples, {f'cfg {a.cfg_scales[-1]:g}, ' if model.cond else ''}{a.sampler} {steps} steps"
-    benchmark(lambda: train_step(a, net, model, ema, opt, diff, x0, y, a.warmup_steps, 10**9), sample_100,
-              a.batch_size, dev)
+def build(a, dev):
+    """The model, its EMA copy, the optimiser and the objective for these flags."""
+    C, S, K = DATA[a.dataset]
+    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout, K * a.cond).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K * a.cond, dev)
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a = get_parser().parse_args(argv)
-    if a.sample_only and not a.ckpt:
-        raise UsageError("--sample-only needs --ckpt PATH")
-    rank, world, dev = init_distributed(pick_device(a.device))
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
+    check(a)
+    rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
+    if a.resume and ckpt["world"] != world:
+        raise UsageError(f"checkpoint {a.resume} was trained by {ckpt['world']} process(es); resume it with as many")
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
-    ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
-    if ckpt:  # run length, sampling and paths are this command's
-        take_recipe(a, ckpt, a.resume or a.ckpt, get_parser(), RECIPE)
-    check_args(a)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seed_everything(a.seed)  # the same initial weights on every rank
-    model = build_model(a).to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            if a.resume:
-                opt.load_state_dict(ckpt["opt"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UsageError(f"checkpoint {a.resume or a.ckpt} does not fit this model ({str(e).splitlines()[0][:100]})")
-        if a.resume:
-            set_rng_state(ckpt["rng"])
-    if world > 1:  # each rank draws its own noise
-        torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if ckpt else 0))
-    diff = Diffusion(a.timesteps, device=dev)
-    if a.benchmark:
-        return run_benchmark(a, dev, model, ema, opt, diff)
-    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir)  # before anything is written
+    torch.manual_seed(a.seed)  # the same initial weights on every rank
+    model, ema, opt, obj = build(a, dev)
+    if ckpt:  # weights; for --resume also the optimiser and the RNG
+        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
+    if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
+        torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
+    K = DATA[a.dataset][2]
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, K)
     if data and len(data[0]) < a.batch_size * world:
-        raise UsageError(f"--batch-size {a.batch_size} x {world} is larger than the dataset ({len(data[0])} images)")
+        raise UsageError(f"--batch-size {a.batch_size} x {world} process(es) is more than the {len(data[0])} images")
     if rank == 0:
-        if a.sample_only:
-            os.makedirs(a.out_dir, exist_ok=True)
-        else:
-            prepare_out_dir(a.out_dir, a.resume, a.overwrite)
-    if a.sample_only:
-        save_samples(a, ema, diff, dev, "sample", a.amp)
-        if a.num_samples:
-            write_npz(a, ema, diff, dev, a.amp)
-        print(f"wrote samples to {a.out_dir}")
-        return
-    train(a, dev, model, ema, opt, diff, ckpt, data, rank, world)
-    if world > 1:  # DDP keeps the ranks' weights identical: a checksum each shows it
-        print(f"rank {rank} weights checksum {sum(p.double().sum().item() for p in model.parameters()):.12e}")
-        torch.distributed.destroy_process_group()
+        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
+    if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \
+            and rank == 0:
+        outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
+        print(f"done; outputs in {a.out_dir}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        die(e)
+    raise SystemExit(cli(main))

@@ -1,137 +1,88 @@
-"""Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained with DDPM on MNIST, sampled with
-classifier-free guidance (CFG) by DDPM (ancestral) or DDIM.
+"""Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained as a Gaussian diffusion on MNIST and sampled
+with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M).
 
-    python dit_ddpm.py --epochs 10 --device cuda               # reference config (384 wide, 12 deep), GPU
-    python dit_ddpm.py --hidden-size 128 --depth 4 --num-heads 4 --epochs 3 --lr 1e-3   # CPU-sized
+    python dit_ddpm.py --quick --device cpu                  # the small CPU recipe (QUICK below)
+    python dit_ddpm.py --epochs 10 --device cuda             # reference config (384 wide, 12 deep)
+    torchrun --nproc_per_node=4 dit_ddpm.py --device cuda    # the same on 4 GPUs (DDP; --batch-size is per GPU)
+    python dit_ddpm.py --resume runs/dit_ddpm/ckpt.pt        # continue a stopped run with all its flags
     python dit_ddpm.py --sample-only --ckpt runs/dit_ddpm/ckpt.pt --num-samples 1000 --cfg-scales 3
 
-Writes to --out-dir (default runs/dit_ddpm): per epoch one grid per CFG scale (grid_eNNN_cfgS.png,
-row = class 0..9), a GIF of the reverse process (denoise_eNNN.gif) and ckpt.pt; at the end
-loss.csv and loss.png; with --num-samples N also samples.npz (x in [0, 1], labels y) for evaluate.py.
-
-Guidance: eps = eps_null + s * (eps_cond - eps_null), so s = 0 is unconditional, s = 1 plain conditional.
+Writes to --out-dir: per epoch one grid per CFG scale (grid_eNNN_cfgS.png, row = class) and a GIF of the reverse
+process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N also samples.npz for evaluate.py.
 """
 import argparse
 import copy
 import math
-import os
-import signal
-import sys
+import shlex
 import time
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from common import (UsageError, any_rank, atomic_save, benchmark, die, ema_update, format_time, init_distributed,
-                    load_checkpoint, load_dataset, lr_at, Parser, pick_device, pos_embed_2d, prepare_out_dir, rng_state,
-                    save_gif, save_grid, save_loss, seed_everything, set_rng_state, take_recipe, timestep_embedding)
+from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
+                    load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
+                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, write_npz)
 
-SCRIPT = "dit_ddpm"
-DATA_SHAPES = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # channels, size, classes
-# the model and training recipe come from the checkpoint on --resume / --sample-only
-RECIPE = ["dataset", "hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio", "timesteps", "schedule",
-          "prediction", "snr_gamma", "batch_size",
-          "lr", "weight_decay", "warmup_steps", "ema_decay", "label_dropout", "grad_clip", "seed"]
+SCRIPT, DATA = "dit_ddpm", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
+QUICK = dict(hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, epochs=2, lr=2e-3, warmup_steps=100,
+             schedule="cosine", prediction="v", cfg_scales=[3.0], sampler="dpm++", sample_steps=20)  # --quick
 
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
+    p.add_argument("--dataset", default="mnist", choices=DATA)
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
-    p.add_argument("--seed", type=int, default=0)
-    # model
-    p.add_argument("--hidden-size", type=int, default=384)
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--num-heads", type=int, default=6)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--mlp-ratio", type=float, default=4.0)
-    # diffusion
-    p.add_argument("--timesteps", type=int, default=400)
+    p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--hidden-size", type=size, default=384)
+    p.add_argument("--depth", type=size, default=12)
+    p.add_argument("--num-heads", type=size, default=6)
+    p.add_argument("--patch-size", type=size, default=4)
+    p.add_argument("--mlp-ratio", type=positive, default=4.0)
+    p.add_argument("--timesteps", type=size, default=400)
     p.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
     p.add_argument("--prediction", default="eps", choices=["eps", "v", "x0"], help="what the network predicts")
-    p.add_argument("--snr-gamma", type=float, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE on the target)")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of the null class in training")
-    # training
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: run all epochs)")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-steps", type=int, default=200)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
+    p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
+    p.add_argument("--epochs", type=size, default=10)
+    p.add_argument("--max-steps", type=count, default=0, help="stop after this many steps (0: run all epochs)")
+    p.add_argument("--batch-size", type=size, default=128, help="per process")
+    p.add_argument("--lr", type=positive, default=3e-4, help="peak; linear warm-up, then cosine decay to 0")
+    p.add_argument("--weight-decay", type=nonneg, default=0.0)
+    p.add_argument("--warmup-steps", type=count, default=200)
+    p.add_argument("--grad-clip", type=nonneg, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--log-every", type=int, default=50, help="print the mean loss of the last N steps")
-    p.add_argument("--resume", default="", help="continue training from this checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out-dir")
-    p.add_argument("--benchmark", action="store_true", help="time training steps and sampling on random data")
-    # sampling
+    p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
+    p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
+    p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a run")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"],
-                   help="ddpm (ancestral, all steps) | ddim | dpm++ (DPM-Solver++(2M))")
-    p.add_argument("--sample-steps", type=int, default=50, help="model evaluations for ddim / dpm++")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
-    p.add_argument("--cfg-scales", type=float, nargs="+", default=[0.0, 1.0, 3.0])
-    p.add_argument("--num-samples", type=int, default=0, help="write samples.npz with this many samples")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
+    p.add_argument("--sample-steps", type=size, default=50, help="model evaluations for ddim and dpm++")
+    p.add_argument("--eta", type=nonneg, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
+    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0 unconditional, 1 conditional")
+    p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     return p
 
 
-def check_args(a):
-    """Every out-of-range flag is a UsageError (one line, exit 2) before anything is written."""
-    if a.dataset not in DATA_SHAPES:
-        raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
-    for name in ("hidden_size", "depth", "num_heads", "patch_size", "timesteps", "epochs", "batch_size",
-                 "sample_steps", "log_every"):
-        if getattr(a, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(a, name)})")
-    for name in ("max_steps", "num_samples", "warmup_steps", "weight_decay", "grad_clip", "eta", "snr_gamma"):
-        if getattr(a, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0 (got {getattr(a, name)})")
-    if not (a.lr > 0 and math.isfinite(a.lr)):
-        raise UsageError(f"--lr must be a positive number (got {a.lr})")
-    if a.mlp_ratio <= 0:
-        raise UsageError(f"--mlp-ratio must be > 0 (got {a.mlp_ratio})")
-    if not (0 <= a.label_dropout < 1) or not (0 <= a.ema_decay < 1):
-        raise UsageError("--label-dropout and --ema-decay must be in [0, 1)")
-    if any(not math.isfinite(s) or s < 0 for s in a.cfg_scales):
-        raise UsageError(f"--cfg-scales must be finite and >= 0 (got {a.cfg_scales})")
-    if a.hidden_size % a.num_heads:
-        raise UsageError(f"--hidden-size {a.hidden_size} is not divisible by --num-heads {a.num_heads}")
-    if a.hidden_size % 4:
-        raise UsageError(f"--hidden-size must be a multiple of 4 (2-D sin-cos position table), got {a.hidden_size}")
-    size = DATA_SHAPES[a.dataset][1]
-    if size % a.patch_size:
-        raise UsageError(f"--patch-size {a.patch_size} does not divide the image size {size}")
-    if a.sampler != "ddpm" and a.sample_steps > a.timesteps:
-        raise UsageError(f"--sample-steps {a.sample_steps} is above --timesteps {a.timesteps}")
+def check(a):
+    """The cross-flag checks argparse cannot make."""
+    for bad, msg in [(a.hidden_size % (4 * a.num_heads), "--hidden-size must be a multiple of 4 x --num-heads"),
+                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide the image size {DATA[a.dataset][1]}"),
+                     (a.sampler != "ddpm" and a.sample_steps > a.timesteps, "--sample-steps must be <= --timesteps"),
+                     (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
+        if bad:
+            raise UsageError(msg)
 
 
 # ----------------------------------------------------------------------------- model
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D) with per-sample (N, D)
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention: one qkv projection, heads split by hand, SDPA for the core."""
-
-    def __init__(self, dim, heads):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x):  # (N, T, D)
-        N, T, D = x.shape
-        q, k, v = self.qkv(x).view(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (N, H, T, Dh)
-        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √Dh) v, flash kernels on GPU
-        return self.proj(x.transpose(1, 2).reshape(N, T, D))
 
 
 class DiTBlock(nn.Module):
@@ -140,7 +91,7 @@ class DiTBlock(nn.Module):
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(dim, heads)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)  # per head softmax(q kᵀ / √Dh) v, by SDPA
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
@@ -148,7 +99,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):  # x (N, T, D), c (N, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # 6 x (N, D)
-        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -180,26 +132,20 @@ class DiT(nn.Module):
         self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
         self.final = FinalLayer(dim, patch, channels)
-        self.init_weights()
-
-    def init_weights(self):
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        w = self.patch_embed.weight  # initialised like a Linear on the flattened patch
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a Linear on the flattened patch
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
         for m in self.t_mlp[0::2]:
             nn.init.normal_(m.weight, std=0.02)
         # adaLN-Zero: the modulation layers and the output layer start at zero, so every block is the
         # identity (gates = 0) and the untrained network outputs exactly 0; training opens the gates.
-        for blk in [*self.blocks, self.final]:
-            nn.init.zeros_(blk.adaLN[-1].weight)
-            nn.init.zeros_(blk.adaLN[-1].bias)
-        nn.init.zeros_(self.final.linear.weight)
-        nn.init.zeros_(self.final.linear.bias)
+        for m in [*(blk.adaLN[-1] for blk in [*self.blocks, self.final]), self.final.linear]:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
 
     def unpatchify(self, x):  # (N, T, p*p*C) -> (N, C, H, W)
         N, g, p, C = x.shape[0], self.grid, self.patch, self.channels
@@ -212,11 +158,6 @@ class DiT(nn.Module):
         for blk in self.blocks:
             x = blk(x, c)
         return self.unpatchify(self.final(x, c))
-
-
-def build_model(a):
-    channels, size, classes = DATA_SHAPES[a.dataset]
-    return DiT(size, channels, a.patch_size, a.hidden_size, a.depth, a.num_heads, a.mlp_ratio, classes)
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -307,180 +248,108 @@ class Diffusion:
 
 
 # ----------------------------------------------------------------------------- training
-def save_samples(a, ema, diff, dev, tag, amp):
-    """One grid per CFG scale (row = class) and a GIF of the last scale, all in one batched sampling run."""
-    classes, n = ema.num_classes, 10
-    y = torch.arange(classes, device=dev).repeat_interleave(n).repeat(len(a.cfg_scales))
-    scale = torch.tensor(a.cfg_scales, device=dev).repeat_interleave(classes * n).view(-1, 1, 1, 1)
-    gen = torch.Generator(dev).manual_seed(a.seed)  # fixed noise: grids are comparable across epochs
-    x, snaps = diff.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames=40, amp=amp)
-    x = (x + 1) / 2
-    for i, s in enumerate(a.cfg_scales):
-        save_grid(x[i * classes * n:(i + 1) * classes * n], os.path.join(a.out_dir, f"grid_{tag}_cfg{s:g}.png"), n)
-    save_gif([(f[-classes * n:].clamp(-1, 1) + 1) / 2 for f in snaps], os.path.join(a.out_dir, f"denoise_{tag}.gif"), n)
+def outputs(a, obj, ema, dev, tag, npz=False):
+    """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz also samples.npz."""
+    draw = lambda y, s, gen, frames=0: obj.sample(ema, y, s, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)  # noqa: E731
+    if tag:
+        save_samples(draw, dev, ema.num_classes, a.cfg_scales, a.out_dir, tag, a.seed)
+    if npz and a.num_samples:
+        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed, cfg_scale=a.cfg_scales[0],
+                  sampler=a.sampler, sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
 
 
-def write_npz(a, ema, diff, dev, amp, chunk=500):
-    """samples.npz: num-samples images (x in [0, 1], (N, C, H, W)) with balanced labels y, first CFG scale."""
-    y_all = torch.arange(a.num_samples) % ema.num_classes
-    gen = torch.Generator(dev).manual_seed(a.seed + 1)
-    xs = [diff.sample(ema, y.to(dev), a.cfg_scales[0], a.sampler, a.sample_steps, a.eta, gen, amp=amp)[0]
-          for y in y_all.split(chunk)]
-    x = ((torch.cat(xs) + 1) / 2).float().cpu().numpy()
-    path = os.path.join(a.out_dir, "samples.npz")
-    np.savez_compressed(path, x=x, y=y_all.numpy(), cfg_scale=a.cfg_scales[0], sampler=a.sampler,
-                        sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
-    print(f"wrote {path}: {len(x)} samples, cfg scale {a.cfg_scales[0]:g}, sampler {a.sampler}")
-
-
-def train_step(a, net, model, ema, opt, diff, x0, y, step, total):
-    """One optimiser step on a batch (x0 in [-1, 1]); returns the loss as a tensor (no host sync)."""
-    with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=a.amp):
-        loss = diff.loss(net, x0, y)
+def train_step(a, net, opt, obj, x, y, lr):
+    """One optimiser step on obj.loss for a batch x in [-1, 1]; returns the loss as a tensor (no host sync)."""
     for g in opt.param_groups:
-        g["lr"] = lr_at(step, a.lr, a.warmup_steps, total)
+        g["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        loss = obj.loss(net, x, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else float("inf"))
+    nn.utils.clip_grad_norm_(net.parameters(), a.grad_clip or math.inf)
     opt.step()
-    ema_update(ema, model, step, a.ema_decay)
     return loss.detach()
 
 
-def train(a, dev, model, ema, opt, diff, ckpt, data, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index, host syncs only to log."""
-    x_all, y_all = data[0].to(dev), data[1].to(dev)
-    B, N = a.batch_size, len(x_all)
-    per_epoch = N // (B * world)  # every rank takes its own B images of the shared permutation
+def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
+    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
+    (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
+    per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total = a.epochs * per_epoch
-    stop_at = min(total, a.max_steps) if a.max_steps else total
-    step, log = (ckpt["step"], ckpt["loss_log"]) if ckpt else (0, [])
-    net = model
-    if world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    net = torch.compile(net) if a.compile else net
-    stop = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.append(1))
-
-    def checkpoint():
-        if rank == 0:
-            atomic_save({"script": SCRIPT, "model": model.state_dict(), "ema": ema.state_dict(),
-                         "opt": opt.state_dict(), "step": step, "epoch": step // per_epoch, "args": vars(a),
-                         "rng": rng_state(), "loss_log": log}, os.path.join(a.out_dir, "ckpt.pt"))
-
-    say = print if rank == 0 else (lambda *_, **__: None)
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {N} images, {world} "
-        f"process(es) x batch {B}, {per_epoch} steps/epoch, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
-    loss_sum, n_sum, t0, s0 = torch.zeros((), device=dev), 0, time.time(), step
-    while step < stop_at:
-        epoch, i = divmod(step, per_epoch)
-        perm = torch.randperm(N, generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
-        for i in range(i, per_epoch):
-            idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
-            x0 = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-            loss_sum += train_step(a, net, model, ema, opt, diff, x0, y_all[idx], step, total)
-            n_sum, step = n_sum + 1, step + 1
-            logging = step % a.log_every == 0 or step == stop_at
-            if logging:
-                mean = loss_sum.item() / n_sum  # the only host sync
-                if not math.isfinite(mean):
-                    print(f"error: loss is {mean} at step {step}; stopping, {a.out_dir}/ckpt.pt keeps the "
-                          f"last good state (try a lower --lr)", file=sys.stderr)
-                    sys.exit(1)
-                log.append((step, mean))
-                ips = (step - s0) * B * world / (time.time() - t0)
-                say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {mean:.4f} "
-                    f"img/s {ips:.0f} eta {format_time((stop_at - step) * B * world / ips)}", flush=True)
-                loss_sum.zero_()
-                n_sum = 0
-            if (logging or world == 1) and any_rank(stop, world, dev):  # all ranks stop at the same step
-                checkpoint()
-                say(f"interrupted at step {step}; checkpoint saved. Resume with:\n  python {SCRIPT}.py --resume "
-                    f"{a.out_dir}/ckpt.pt --out-dir {a.out_dir} --data-dir {a.data_dir} --epochs {a.epochs}")
-                return
-            if step == stop_at:
-                break
-        if rank == 0:
-            save_samples(a, ema, diff, dev, f"e{epoch + 1:03d}", a.amp)
-        checkpoint()
-        t0, s0 = time.time(), step  # img/s and ETA count training only
-    if rank == 0:
-        save_loss(log, a.out_dir, f"{SCRIPT}: training loss (MSE on eps)")
-        if a.num_samples:
-            write_npz(a, ema, diff, dev, a.amp)
-    say(f"done: {step} steps; outputs in {a.out_dir}")
+    stop_at = min(total, a.max_steps or total)
+    step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    net, acc, halt, t0, s0 = torch.compile(net) if a.compile else net, torch.tensor(acc, device=dev), False, time.time(), step
+    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
+          f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}") if rank == 0 else None
+    with stop_signals() as stop:
+        while step < stop_at and not halt:
+            epoch, i0 = divmod(step, per_epoch)
+            perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
+            for i in range(i0, per_epoch):
+                idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
+                x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
+                acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
+                ema_update(ema, model, step, a.ema_decay)
+                step, n = step + 1, n + 1
+                if step % a.log_every == 0 or step == stop_at:
+                    log.append((step, acc.item() / n))  # the only host sync
+                    if not math.isfinite(log[-1][1]):
+                        raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
+                    ips = (step - s0) * B * world / (time.time() - t0)
+                    print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                          f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True) if rank == 0 else None
+                    acc, n = acc * 0, 0
+                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
+                if step == stop_at or halt:
+                    break
+            if rank == 0:  # the checkpoint first: sampling cannot lose it
+                save_checkpoint(dict(script=SCRIPT, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                     step=step, args=vars(a), world=world, loss_log=log, loss_acc=(acc.item(), n),
+                                     rng=[torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]), path)
+                save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
+                if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
+                    outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
+            t0, s0 = time.time(), step  # img/s and ETA count training only
+    if rank == 0 and halt:
+        print(f"stopped at step {step}; resume with:\n  {f'torchrun --nproc_per_node={world}' if world > 1 else 'python'} "
+              f"{SCRIPT}.py --resume {shlex.quote(path)}")
+    return halt
 
 
-def run_benchmark(a, dev, model, ema, opt, diff):
-    """--benchmark: training steps on random data and one sampling run of 100 guided images; writes nothing."""
-    C, S, K = DATA_SHAPES[a.dataset]
-    x0, y = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1, torch.arange(a.batch_size, device=dev) % K
-    net = torch.compile(model) if a.compile else model
-    y100 = torch.arange(100, device=dev) % K
-    steps = a.sample_steps if a.sampler != "ddpm" else a.timesteps
-
-    def sample_100():
-        diff.sample(ema, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, a.eta, amp=a.amp)
-        return f"100 samples, cfg {a.cfg_scales[-1]:g}, {a.sampler} {steps} steps"
-    benchmark(lambda: train_step(a, net, model, ema, opt, diff, x0, y, a.warmup_steps, 10**9), sample_100,
-              a.batch_size, dev)
+def build(a, dev):
+    """The model, its EMA copy, the optimiser and the objective for these flags."""
+    C, S, K = DATA[a.dataset]
+    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, a.mlp_ratio, K).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev)
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a = get_parser().parse_args(argv)
-    if a.sample_only and not a.ckpt:
-        raise UsageError("--sample-only needs --ckpt PATH")
-    rank, world, dev = init_distributed(pick_device(a.device))
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
+    check(a)
+    rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
+    if a.resume and ckpt["world"] != world:
+        raise UsageError(f"checkpoint {a.resume} was trained by {ckpt['world']} process(es); resume it with as many")
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
-    ckpt = load_checkpoint(a.resume or a.ckpt, SCRIPT) if (a.resume or a.sample_only) else None
-    if ckpt:  # run length, sampling and paths are this command's
-        take_recipe(a, ckpt, a.resume or a.ckpt, get_parser(), RECIPE)
-    check_args(a)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    seed_everything(a.seed)  # the same initial weights on every rank
-    model = build_model(a).to(dev)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
-    if ckpt:
-        try:
-            model.load_state_dict(ckpt["model"])
-            ema.load_state_dict(ckpt["ema"])
-            if a.resume:
-                opt.load_state_dict(ckpt["opt"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise UsageError(f"checkpoint {a.resume or a.ckpt} does not fit this model ({str(e).splitlines()[0][:100]})")
-        if a.resume:
-            set_rng_state(ckpt["rng"])
-    if world > 1:  # each rank draws its own noise
-        torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if ckpt else 0))
-    diff = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, model.num_classes, dev)
-    if a.benchmark:
-        return run_benchmark(a, dev, model, ema, opt, diff)
-    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir)  # before anything is written
+    torch.manual_seed(a.seed)  # the same initial weights on every rank
+    model, ema, opt, obj = build(a, dev)
+    if ckpt:  # weights; for --resume also the optimiser and the RNG
+        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
+    if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
+        torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
+    K = DATA[a.dataset][2]
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, K)
     if data and len(data[0]) < a.batch_size * world:
-        raise UsageError(f"--batch-size {a.batch_size} x {world} is larger than the dataset ({len(data[0])} images)")
+        raise UsageError(f"--batch-size {a.batch_size} x {world} process(es) is more than the {len(data[0])} images")
     if rank == 0:
-        if a.sample_only:
-            os.makedirs(a.out_dir, exist_ok=True)
-        else:
-            prepare_out_dir(a.out_dir, a.resume, a.overwrite)
-    if a.sample_only:
-        save_samples(a, ema, diff, dev, "sample", a.amp)
-        if a.num_samples:
-            write_npz(a, ema, diff, dev, a.amp)
-        print(f"wrote samples to {a.out_dir}")
-        return
-    train(a, dev, model, ema, opt, diff, ckpt, data, rank, world)
-    if world > 1:  # DDP keeps the ranks' weights identical: a checksum each shows it
-        print(f"rank {rank} weights checksum {sum(p.double().sum().item() for p in model.parameters()):.12e}")
-        torch.distributed.destroy_process_group()
+        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
+    if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \
+            and rank == 0:
+        outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
+        print(f"done; outputs in {a.out_dir}")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        die(e)
+    raise SystemExit(cli(main))

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UsageError, atomic_save, die, load_checkpoint, load_dataset, pick_device, seed_everything
+from common import Parser, UsageError, cli, load_checkpoint, load_dataset, pick_device, save_checkpoint
 
 SCRIPT = "evaluate"
 ARCH = 1  # bump when Classifier or its training changes: cached weights under the old hash stop matching
@@ -39,7 +39,7 @@ FLOOR_DRAWS = 5  # random draws of training images behind the real-vs-real floor
 
 # ----------------------------------------------------------------------------- config
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("samples", help="samples.npz: x float in [0, 1], (N, C, H, W); optional integer labels y")
     p.add_argument("--dataset", default="mnist", help="mnist | fashion-mnist")
     p.add_argument("--data-dir", default="./data")
@@ -70,7 +70,7 @@ def load_samples(path, dataset):
         raise UsageError(f"{path} has no 'x' array (keys: {', '.join(arrays) or 'none'})")
     x, y = arrays["x"], arrays.get("y")
     c, s, classes = DATA_SHAPES[dataset]
-    if x.ndim != 4 or x.shape[1:] != (c, s, s) or not np.issubdtype(x.dtype, np.number):
+    if x.ndim != 4 or x.shape[1:] != (c, s, s) or x.dtype.kind not in "fiu":  # real numbers only
         raise UsageError(f"x in {path} has shape {x.shape}, dtype {x.dtype}; {dataset} needs floats (N, {c}, {s}, {s})")
     if len(x) < K + 1:
         raise UsageError(f"{path} holds {len(x)} samples; need at least {K + 1} (k = {K} nearest neighbours)")
@@ -152,7 +152,7 @@ def get_classifier(a, dev, train, test):
     path = os.path.join(a.cache_dir, f"classifier-{a.dataset}-{key}.pt")
     if os.path.isfile(path):
         try:
-            ckpt = load_checkpoint(path, SCRIPT)
+            ckpt = load_checkpoint(path, SCRIPT, keys=("model", "test_acc"))  # weights_only: runs no code
             model = Classifier(*DATA_SHAPES[a.dataset])
             model.load_state_dict(ckpt["model"])
             print(f"classifier: cached {path}, test accuracy {ckpt['test_acc']:.2%}")
@@ -168,12 +168,13 @@ def get_classifier(a, dev, train, test):
         raise UsageError(f"cannot write the classifier cache in {a.cache_dir}; pass --cache-dir DIR (writable)")
     print(f"training the classifier on {len(train[0])} {a.dataset} images, {a.classifier_epochs} epochs, "
           f"device {dev}", flush=True)
-    seed_everything(a.seed)
+    torch.manual_seed(a.seed)
     t0 = time.time()
     model = train_classifier(Classifier(*DATA_SHAPES[a.dataset]).to(dev), *train, a.classifier_epochs, a.seed, dev)
     acc = (embed(model, test[0], dev)[1] == test[1]).double().mean().item()
-    atomic_save({"script": SCRIPT, "model": {k: v.cpu() for k, v in model.state_dict().items()}, "args": settings,
-                 "test_acc": acc, "train_s": time.time() - t0}, path)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    save_checkpoint({"script": SCRIPT, "model": state, "ema": {}, "step": 0, "args": settings, "test_acc": acc,
+                     "train_s": time.time() - t0}, path)
     print(f"classifier: trained in {time.time() - t0:.0f}s, test accuracy {acc:.2%}, cached as {path}")
     return model, acc, path
 
@@ -236,8 +237,15 @@ def evaluate(model, x, y, train, test, dev, seed):
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     a = get_args(argv)
-    x, y, meta = load_samples(a.samples, a.dataset)  # every input check before anything is written
-    dev = pick_device(a.device)
+    x, y, meta = load_samples(a.samples, a.dataset)  # every input check before anything is computed or written
+    out = os.path.splitext(a.samples)[0] + ".eval.json"
+    try:  # the output must be writable too
+        existed = os.path.exists(out)
+        open(out, "a").close()
+        existed or os.remove(out)
+    except OSError as e:
+        raise UsageError(f"cannot write {out} ({e.strerror}); put the samples in a writable folder")
+    dev = pick_device(a.device)[2]
     train, test = load_dataset(a.dataset, a.data_dir, train=True), load_dataset(a.dataset, a.data_dir, train=False)
     if a.max_train:
         train = (train[0][:a.max_train], train[1][:a.max_train])
@@ -247,7 +255,6 @@ def main(argv=None):
     t0 = time.time()
     r = evaluate(model, x, y, train, test, dev, a.seed)
     r.update(samples=a.samples, dataset=a.dataset, meta=meta, classifier=cache, classifier_test_accuracy=acc)
-    out = os.path.splitext(a.samples)[0] + ".eval.json"
     with open(out, "w") as f:
         json.dump(r, f, indent=1, default=str)
     ca = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.2%}"
@@ -266,7 +273,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        die(e)
+    raise SystemExit(cli(main))

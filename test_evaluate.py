@@ -19,12 +19,7 @@ FAST = ["--classifier-epochs", "2", "--device", "cpu"]
 
 def run(argv, capsys):
     """evaluate.main in-process -> (exit code, everything printed)."""
-    try:
-        evaluate.main(argv)
-        code = 0
-    except common.UsageError as e:
-        print(f"error: {e}")
-        code = 2
+    code = common.cli(evaluate.main, argv)
     cap = capsys.readouterr()
     return code, cap.out + cap.err
 
@@ -137,10 +132,18 @@ def test_classifier_is_cached_and_deterministic(fake_mnist, tmp_path, capsys, mo
     assert run(argv + ["--cache-dir", str(tmp_path / "c2")], capsys)[0] == 0
     (path2,) = glob.glob(str(tmp_path / "c2" / "classifier-mnist-*.pt"))
     assert os.path.basename(path2) == os.path.basename(path)
-    w1, w2 = torch.load(path, weights_only=False)["model"], torch.load(path2, weights_only=False)["model"]
+    w1, w2 = torch.load(path, weights_only=True)["model"], torch.load(path2, weights_only=True)["model"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert run(argv + ["--cache-dir", str(tmp_path / "c1"), "--max-train", "32"], capsys)[0] == 0
     assert len(glob.glob(str(tmp_path / "c1" / "classifier-mnist-*.pt"))) == 2
+
+    class Exploit:  # a planted cache file whose unpickling would run a command
+        def __reduce__(self):
+            return os.system, (f"touch {tmp_path / 'pwned'}",)
+    torch.save({"script": "evaluate", "model": Exploit()}, path)
+    code, out = run(argv + ["--cache-dir", str(tmp_path / "c1")], capsys)
+    assert code == 0 and "ignoring the cached classifier" in out and "holds objects" in out, out
+    assert not (tmp_path / "pwned").exists()
 
 
 def good_x(n=8):
@@ -161,6 +164,8 @@ def npy_bytes(a):
     (lambda p: np.savez(p, images=good_x()), "no 'x' array"),
     (lambda p: np.savez(p, x=good_x()[:, 0]), "needs floats (N, 1, 28, 28)"),
     (lambda p: np.savez(p, x=np.zeros((8, 3, 28, 28), np.float32)), "needs floats (N, 1, 28, 28)"),
+    (lambda p: np.savez(p, x=good_x().astype(np.complex64)), "needs floats (N, 1, 28, 28)"),
+    (lambda p: (np.savez(p, x=good_x()), os.mkdir(p.parent / "bad.eval.json")), "cannot write"),
     (lambda p: np.savez(p, x=good_x() * 255), "must lie in [0, 1]"),
     (lambda p: np.savez(p, x=np.where(np.arange(28) == 3, np.nan, good_x())), "NaN"),
     (lambda p: np.savez(p, x=good_x(3)), "need at least 4"),
@@ -173,7 +178,7 @@ def test_bad_input_exit_2(make, words, fake_mnist, tmp_path, capsys):
     cache = tmp_path / "cache"
     code, out = run([str(p), "--data-dir", fake_mnist, "--cache-dir", str(cache)] + FAST, capsys)
     assert code == 2 and words in out, out
-    assert not (tmp_path / "bad.eval.json").exists() and not cache.exists()
+    assert not (tmp_path / "bad.eval.json").is_file() and not cache.exists()  # nothing computed, nothing written
 
 
 def test_bad_dataset_exit_2(tmp_path, capsys):

@@ -1,19 +1,13 @@
-"""Tests for dit_flow.py: behaviour and numbers, CPU only, offline (fake MNIST comes from conftest.py)."""
-import copy
+"""Unit tests for dit_flow.py: the DiT with its time scaling, the synthetic patterns and the Flow object."""
 import math
-import os
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import dit_flow
-from conftest import run_main
 
-TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--sample-steps", "2",
-        "--batch-size", "64", "--log-every", "1", "--device", "cpu"]
+FLOW = dit_flow.Flow(num_classes=4)
 
 
 def tiny_dit(channels=4, size=32, classes=4):
@@ -51,12 +45,12 @@ def test_time_is_scaled_by_1000_before_the_embedding(monkeypatch):
 
 def test_cfg_scales():
     m = randomise(tiny_dit())
-    x, t, y = torch.randn(4, 4, 32, 32), torch.tensor([0.0, 0.3, 0.7, 1.0]), torch.tensor([0, 1, 2, 3])
+    x, t, y = torch.randn(4, 4, 32, 32), torch.full((4,), 0.3), torch.tensor([0, 1, 2, 3])
     cond, null = m(x, t, y), m(x, t, torch.full_like(y, 4))
     assert not torch.allclose(cond, null, atol=1e-4)
-    assert torch.allclose(dit_flow.guided_v(m, x, t, y, 1.0), cond, atol=1e-5)  # s = 1: plain conditional
-    assert torch.allclose(dit_flow.guided_v(m, x, t, y, 0.0), null, atol=1e-5)  # s = 0: unconditional
-    assert torch.allclose(dit_flow.guided_v(m, x, t, y, 3.0), null + 3 * (cond - null), atol=1e-4)
+    assert torch.allclose(FLOW.guided(m, x, 0.3, y, 1.0), cond, atol=1e-5)  # s = 1: plain conditional
+    assert torch.allclose(FLOW.guided(m, x, 0.3, y, 0.0), null, atol=1e-5)  # s = 0: unconditional
+    assert torch.allclose(FLOW.guided(m, x, 0.3, y, 3.0), null + 3 * (cond - null), atol=1e-4)
 
 
 # ----------------------------------------------------------------------------- data
@@ -105,25 +99,41 @@ def test_template_scores():
 
 
 # ----------------------------------------------------------------------------- flow matching
-def test_straight_path_and_t_sampling():
+class Recorder(torch.nn.Module):
+    """A 'model' that returns 0 and records what the loss feeds it."""
+
+    def forward(self, x, t, y):
+        self.seen = x, t, y
+        return torch.zeros_like(x)
+
+
+def test_loss_on_the_straight_path():
     torch.manual_seed(0)
-    x0, x1 = torch.randn(2, 3, 4, 5, 5).unbind(0)
-    t = torch.tensor([0.0, 0.4, 1.0])
-    xt, v = dit_flow.straight_path(x0, x1, t)
-    assert torch.equal(xt[0], x0[0]) and torch.allclose(xt[2], x1[2])  # noise at t = 0, data at t = 1
-    h = 1e-3
-    fd = (dit_flow.straight_path(x0, x1, t + h)[0] - dit_flow.straight_path(x0, x1, t - h)[0]) / (2 * h)
-    assert torch.allclose(fd, v, atol=1e-3) and torch.allclose(v, x1 - x0)  # v = dx_t/dt
-    u = dit_flow.sample_t(100000, "uniform", "cpu")
-    assert 0 <= u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    ln = dit_flow.sample_t(100000, "logit-normal", "cpu")
+    x1, y, m = torch.rand(512, 1, 4, 4) * 2 - 1, torch.arange(512) % 4, Recorder()
+    torch.manual_seed(1)
+    loss = dit_flow.Flow(label_dropout=0.25, num_classes=4).loss(m, x1, y)
+    torch.manual_seed(1)
+    torch.rand(512)  # the label-dropout draw, then t, then the noise x0
+    t, x0 = torch.rand(512), torch.randn_like(x1)
+    xt, tt, yy = m.seen
+    assert torch.equal(tt, t) and torch.allclose(xt, (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * x1)
+    assert torch.isclose(loss, ((x1 - x0) ** 2).mean())  # zero output: the loss is E|v|², v = x1 - x0
+    assert 0.2 < (yy == 4).float().mean() < 0.3 and torch.equal(yy[yy != 4], y[yy != 4])  # 25% null labels
+
+
+def test_t_sampling_uniform_and_logit_normal():
+    """Uniform puts 10% of the times in each tenth of [0, 1]; logit-normal 1.4% below 0.1, 31.5% in (0.4, 0.6)."""
+    u, ln = dit_flow.Flow("uniform").sample_t(200000, "cpu"), dit_flow.Flow("logit-normal").sample_t(200000, "cpu")
+    assert 0 <= u.min() and u.max() < 1
+    assert torch.allclose(torch.histc(u, 10, 0, 1) / len(u), torch.full((10,), 0.1), atol=0.005)
+    assert abs((ln < 0.1).float().mean() - 0.0140) < 0.002 and abs(((ln > 0.4) & (ln < 0.6)).float().mean() - 0.3146) < 0.005
     logit = torch.log(ln / (1 - ln))
-    assert abs(logit.mean()) < 0.02 and abs(logit.std() - 1) < 0.02  # logit(t) ~ N(0, 1)
+    assert abs(logit.mean()) < 0.01 and abs(logit.std() - 1) < 0.01
 
 
 def integration_error(v, exact, steps, method):
     x0 = torch.tensor([1.0, -0.5], dtype=torch.float64)
-    return (dit_flow.integrate(v, x0, steps, method)[0] - exact(x0)).abs().max().item()
+    return (dit_flow.Flow.integrate(v, x0, steps, method)[0] - exact(x0)).abs().max().item()
 
 
 @pytest.mark.parametrize("v, exact", [
@@ -143,116 +153,34 @@ def test_integrate_exactness_calls_and_frames():
     v = lambda x, t: 3 - 2 * t + 0 * x  # noqa: E731  dx/dt = 3 - 2t: x(1) = x0 + 2
     x0 = torch.zeros(1, dtype=torch.float64)
     for n in (1, 3, 10):  # Euler: left sums, error dt; Heun: trapezoids are exact but its last (Euler) step: dt²
-        assert abs(dit_flow.integrate(v, x0, n, "euler")[0].item() - (2 + 1 / n)) < 1e-12
-        assert abs(dit_flow.integrate(v, x0, n, "heun")[0].item() - (2 + 1 / n ** 2)) < 1e-12
+        assert abs(dit_flow.Flow.integrate(v, x0, n, "euler")[0].item() - (2 + 1 / n)) < 1e-12
+        assert abs(dit_flow.Flow.integrate(v, x0, n, "heun")[0].item() - (2 + 1 / n ** 2)) < 1e-12
     calls = []
     counting = lambda x, t: calls.append(t) or x  # noqa: E731
-    dit_flow.integrate(counting, x0, 5, "euler")
+    dit_flow.Flow.integrate(counting, x0, 5, "euler")
     assert calls == pytest.approx([0, 0.2, 0.4, 0.6, 0.8])
     calls.clear()
-    dit_flow.integrate(counting, x0, 5, "heun")
+    dit_flow.Flow.integrate(counting, x0, 5, "heun")
     assert calls == pytest.approx([0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8])  # 2 calls a step; never at t = 1
-    x, snaps = dit_flow.integrate(lambda x, t: x, torch.ones(1), 20, "euler", frames=5)
+    x, snaps = dit_flow.Flow.integrate(lambda x, t: x, torch.ones(1), 20, "euler", frames=5)
     assert len(snaps) == 6 and snaps[0].item() == 1 and torch.equal(snaps[-1], x)
 
 
 def test_sample_starts_from_noise_and_follows_the_guided_velocity():
     m, y = randomise(tiny_dit()), torch.tensor([0, 3])
-    x, _ = dit_flow.sample(m, y, 2.0, "euler", 1, gen=torch.Generator().manual_seed(5))
+    x, _ = FLOW.sample(m, y, 2.0, "euler", 1, gen=torch.Generator().manual_seed(5))
     x0 = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(5))
-    ref = x0 + dit_flow.guided_v(m, x0, torch.zeros(2), y, 2.0)  # one Euler step from t = 0 to 1
+    cond, null = m(x0, torch.zeros(2), y), m(x0, torch.zeros(2), torch.full_like(y, 4))
+    ref = x0 + null + 2.0 * (cond - null)  # one Euler step from t = 0 to 1 along the guided velocity
     assert torch.allclose(x, ref.clamp(-1, 1), atol=1e-5)
 
 
 def test_tiny_dit_overfits_16_patterns():
     x1, y = dit_flow.make_patterns(0, n=16)
     torch.manual_seed(0)  # 64 wide: a token must carry its 4x4x4 patch values (32 is too narrow to learn -x_t)
-    m = dit_flow.DiT(32, 4, patch=4, dim=64, depth=1, heads=4, num_classes=4)
-    ema = copy.deepcopy(m).requires_grad_(False)
+    m, flow = dit_flow.DiT(32, 4, patch=4, dim=64, depth=1, heads=4, num_classes=4), dit_flow.Flow(label_dropout=0)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    a = SimpleNamespace(label_dropout=0.0, t_sampling="uniform", amp=False, lr=3e-3, warmup_steps=0, grad_clip=1.0,
-                        ema_decay=0.999)
-    losses = [dit_flow.train_step(a, m, m, ema, opt, x1, y, s, 10**9).item() for s in range(100)]
+    a = dit_flow.get_parser().parse_args(["--no-amp", "--grad-clip", "1"])
+    losses = [dit_flow.train_step(a, m, opt, flow, x1, y, 3e-3).item() for _ in range(100)]
     assert abs(losses[0] - (1 + x1.pow(2).mean().item())) < 0.05  # zero output: E|x1 - x0|² = 1 + E x1²
     assert np.mean(losses[-20:]) < 0.5 * losses[0]
-
-
-# ----------------------------------------------------------------------------- CLI
-def test_cli_patterns_train_resume_sample(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    args = TINY + ["--out-dir", out, "--epochs", "2", "--cfg-scales", "0", "3"]
-    assert run_main(dit_flow, args + ["--max-steps", "3"]) == 0
-    for f in ["grid_e001_cfg0.png", "grid_e001_cfg3.png", "denoise_e001.gif", "compare_e001.png", "ckpt.pt",
-              "loss.csv", "loss.png", "metrics.csv"]:
-        assert os.path.isfile(os.path.join(out, f)), f
-    printed = capsys.readouterr().out
-    assert "e001 cfg 3: class match" in printed and "real data's RMS to template is 0.0619" in printed
-    # compare: 2 rows (real, generated) x 4 classes; each cell 4 channels of 32 px side by side, 1 px apart
-    assert Image.open(os.path.join(out, "compare_e001.png")).size == (2 * (4 * (4 * 33 - 1 + 2) + 2), 2 * (2 * 34 + 2))
-    # resume to the end of epoch 1 (2000 // 64 = 31 steps) and into epoch 2
-    assert run_main(dit_flow, args + ["--max-steps", "33", "--resume", os.path.join(out, "ckpt.pt")]) == 0
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert ck["step"] == 33 and ck["args"]["dataset"] == "patterns"
-    assert [(r["step"], r["what"]) for r in ck["metrics"]] == [(3, "e001 cfg 0"), (3, "e001 cfg 3"),  # kept on resume
-                                                               (31, "e001 cfg 0"), (31, "e001 cfg 3"),
-                                                               (33, "e002 cfg 0"), (33, "e002 cfg 3")]
-    assert open(os.path.join(out, "metrics.csv")).read().count("\n") == 7
-    assert open(os.path.join(out, "loss.csv")).read().count("\n") == 34
-    # sample-only: the model comes from the checkpoint; Heun; metrics for the grid and for samples.npz
-    assert run_main(dit_flow, ["--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--out-dir", out,
-                               "--num-samples", "12", "--cfg-scales", "2", "--sampler", "heun", "--sample-steps", "3",
-                               "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "sample cfg 2: class match" in printed and "samples.npz: class match" in printed
-    assert "heun 3 steps" in printed
-    s = np.load(os.path.join(out, "samples.npz"))
-    assert s["x"].shape == (12, 4, 32, 32) and 0 <= s["x"].min() and s["x"].max() <= 1
-    assert list(s["y"]) == [i % 4 for i in range(12)] and str(s["sampler"]) == "heun"
-    for f in ["grid_sample_cfg2.png", "denoise_sample.gif", "compare_sample.png", "metrics_sample.csv"]:
-        assert os.path.isfile(os.path.join(out, f)), f
-
-
-def test_cli_fake_mnist(fake_mnist, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    assert run_main(dit_flow, TINY + ["--dataset", "mnist", "--data-dir", fake_mnist, "--out-dir", out,
-                                      "--max-steps", "5", "--num-samples", "10", "--t-sampling", "logit-normal"]) == 0
-    assert "class match" not in capsys.readouterr().out  # the template scores are for the synthetic set only
-    for f in ["grid_e002_cfg0.png", "grid_e002_cfg3.png", "compare_e001.png", "compare_e002.png", "samples.npz"]:
-        assert os.path.isfile(os.path.join(out, f)), f  # 256 // 64 = 4 steps an epoch
-    assert Image.open(os.path.join(out, "compare_e001.png")).size == (2 * (10 * 30 + 2), 2 * (2 * 30 + 2))
-    s = np.load(os.path.join(out, "samples.npz"))
-    assert s["x"].shape == (10, 1, 28, 28) and list(s["y"]) == list(range(10))
-
-
-def test_resume_is_bit_identical(tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    base = TINY + ["--epochs", "2", "--sample-steps", "1", "--cfg-scales", "1"]
-    assert run_main(dit_flow, base + ["--out-dir", a, "--max-steps", "34"]) == 0
-    assert run_main(dit_flow, base + ["--out-dir", b, "--max-steps", "7"]) == 0
-    assert run_main(dit_flow, base + ["--out-dir", b, "--max-steps", "34", "--resume", f"{b}/ckpt.pt"]) == 0
-    wa, wb = torch.load(f"{a}/ckpt.pt", weights_only=False), torch.load(f"{b}/ckpt.pt", weights_only=False)
-    for k in wa["model"]:
-        assert torch.equal(wa["model"][k], wb["model"][k]), k
-        assert torch.equal(wa["ema"][k], wb["ema"][k]), k
-    assert wa["loss_log"] == wb["loss_log"]
-
-
-@pytest.mark.parametrize("extra, words", [
-    (["--patch-size", "3"], "does not divide the image size 32"),
-    (["--dataset", "mnist", "--patch-size", "8"], "does not divide the image size 28"),
-    (["--sampler", "ddim"], "unknown --sampler"),
-    (["--t-sampling", "beta"], "unknown --t-sampling"),
-    (["--sample-steps", "0"], "--sample-steps must be >= 1"),
-    (["--dataset", "cifar10"], "unknown --dataset"),
-    (["--cfg-scales", "-1"], "--cfg-scales"),
-    (["--sample-only"], "needs --ckpt"),
-    (["--sample-only", "--ckpt", "nope.pt"], "does not exist"),
-    (["--sample-only", "--ckpt", "DDPM"], "written by dit_ddpm.py"),
-])
-def test_bad_input_exit_2(extra, words, tmp_path, capsys):
-    torch.save({"script": "dit_ddpm", "model": {}, "args": {}}, tmp_path / "ddpm.pt")
-    extra = [str(tmp_path / "ddpm.pt") if e == "DDPM" else e for e in extra]
-    out = tmp_path / "run"
-    assert run_main(dit_flow, TINY + ["--out-dir", str(out)] + extra) == 2
-    assert words in capsys.readouterr().out
-    assert not out.exists()

@@ -1,472 +1,384 @@
-"""The test suite: behaviour and numbers, CPU only, offline (fake datasets come from conftest.py)."""
-import math
+"""End-to-end smoke suite: every script's command line on tiny fake data (conftest.py), resume, sample-only, and
+each fault class over all three scripts. CPU only, offline."""
 import os
-import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import common
+import ddpm_unet
 import dit_ddpm
+import dit_flow
 from conftest import run_main
 
-TINY = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20", "--sample-steps", "4",
-        "--batch-size", "16", "--log-every", "1", "--device", "cpu"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODS = {"dit_ddpm": dit_ddpm, "dit_flow": dit_flow, "ddpm_unet": ddpm_unet}
+TINY = {"dit_ddpm": ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20"],
+        "dit_flow": ["--dataset", "mnist", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4"],
+        "ddpm_unet": ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "--cond"]}
+SCRIPTS = pytest.mark.parametrize("name", list(MODS))
 
 
-# ----------------------------------------------------------------------------- common.py
-def test_timestep_embedding_values():
-    emb = common.timestep_embedding(torch.tensor([0.0, 5.0]), 8)
-    assert emb.shape == (2, 8)
-    assert torch.equal(emb[0], torch.tensor([1.0] * 4 + [0.0] * 4))  # cos(0) = 1, sin(0) = 0
-    freqs = 10000 ** (-torch.arange(4) / 4)
-    assert torch.allclose(emb[1], torch.cat([torch.cos(5 * freqs), torch.sin(5 * freqs)]), atol=1e-6)
+def tiny(name, data, out, *extra):
+    """A tiny run of `name` on the fake MNIST (256 images: 16 steps an epoch at batch 16)."""
+    return TINY[name] + ["--data-dir", data, "--out-dir", str(out), "--batch-size", "16", "--log-every", "1",
+                         "--sample-steps", "2", "--cfg-scales", "1", "--device", "cpu", *extra]
 
 
-def test_pos_embed_2d_rows_and_columns():
-    pe = common.pos_embed_2d(16, 3)  # (9, 16): first half depends on the row only, second on the column only
-    assert pe.shape == (9, 16)
-    assert torch.equal(pe[0, :8], pe[2, :8]) and not torch.equal(pe[0, :8], pe[3, :8])
-    assert torch.equal(pe[0, 8:], pe[3, 8:]) and not torch.equal(pe[0, 8:], pe[1, 8:])
+def one_line_error(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and all(w in err for w in words), err
 
 
-def test_grid_and_gif(tmp_path):
-    from PIL import Image
-    x = torch.rand(20, 1, 28, 28)
-    common.save_grid(x, tmp_path / "g.png", nrow=10, scale=1)
-    assert Image.open(tmp_path / "g.png").size == (10 * 30 + 2, 2 * 30 + 2)
-    common.save_gif([x, x * 0.5], tmp_path / "a.gif", nrow=10)
-    assert Image.open(tmp_path / "a.gif").n_frames == 2
+def load(path):
+    return torch.load(path, weights_only=True)
 
 
-def test_device_errors():
-    assert common.pick_device("cpu").type == "cpu"
-    if not torch.cuda.is_available():
-        with pytest.raises(common.UsageError, match="CUDA is not available"):
-            common.pick_device("cuda:3")
-    with pytest.raises(common.UsageError, match="unknown device"):
-        common.pick_device("gpu")
+def start(name, argv):
+    """The script as its own process, stdout piped."""
+    return subprocess.Popen([sys.executable, f"{name}.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-# ----------------------------------------------------------------------------- dit_ddpm.py: model
-def tiny_dit(**kw):
-    torch.manual_seed(0)
-    return dit_ddpm.DiT(28, 1, patch=4, dim=32, depth=2, heads=4, **kw)
+def wait_for(p, prefix):
+    for line in p.stdout:
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"no line starting {prefix!r}: {p.stderr.read()[-2000:]}")
 
 
-def randomise(model):
-    """Give the zero-initialised layers random weights so outputs depend on every input."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+@pytest.fixture(scope="module")
+def trained(fake_mnist, tmp_path_factory):
+    """A 2-step checkpoint of each script."""
+    root = tmp_path_factory.mktemp("trained")
+    for name, mod in MODS.items():
+        assert run_main(mod, tiny(name, fake_mnist, root / name, "--max-steps", "2")) == 0
+    return {name: str(root / name / "ckpt.pt") for name in MODS}
 
 
-def test_dit_shapes_and_zero_init():
-    m = tiny_dit()
-    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 399]), torch.tensor([1, 2, 10])
-    out = m(x, t, y)
-    assert out.shape == (3, 1, 28, 28)
-    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained network outputs exactly 0
-    assert randomise(m)(x, t, y).abs().sum() > 0
+# ----------------------------------------------------------------------------- the command line
+@SCRIPTS
+def test_train_resume_sample(name, fake_mnist, tmp_path):
+    mod, out = MODS[name], tmp_path / "run"
+    assert run_main(mod, tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "3", "--cfg-scales", "0", "2")) == 0
+    assert {"ckpt.pt", "loss.csv", "loss.png", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg2.png"} \
+        <= set(os.listdir(out))
+    assert run_main(mod, ["--resume", f"{out}/ckpt.pt", "--max-steps", "20"]) == 0  # the path brings every flag back
+    ck = load(out / "ckpt.pt")
+    assert ck["step"] == 20 and ck["args"]["cfg_scales"] == [0.0, 2.0] and ck["args"]["max_steps"] == 20
+    assert (out / "grid_e002_cfg2.png").exists() and (out / "loss.csv").read_text().count("\n") == 21
+    assert run_main(mod, ["--sample-only", "--ckpt", f"{out}/ckpt.pt", "--out-dir", str(tmp_path / "s"),
+                          "--num-samples", "12"]) == 0
+    s = np.load(tmp_path / "s" / "samples.npz")
+    assert s["x"].shape == (12, 1, 28, 28) and 0 <= s["x"].min() and s["x"].max() <= 1 and float(s["cfg_scale"]) == 0
+    assert list(s["y"]) == [i % 10 for i in range(12)] and (tmp_path / "s" / "grid_sample_cfg2.png").exists()
 
 
-def test_unpatchify_inverts_patchify():
-    m = tiny_dit()
-    x = torch.randn(2, 1, 28, 28)
-    tokens = x.view(2, 1, 7, 4, 7, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 49, 16)  # patch-major, (N, T, p*p*C)
-    assert torch.equal(m.unpatchify(tokens), x)
+@SCRIPTS
+def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mnist, tmp_path, monkeypatch):
+    """Ctrl-C at step 16 (an epoch's end) still writes that epoch's grid; the resumed run equals the uninterrupted
+    one in weights, EMA and every loss.csv row (the loss accumulated since the last row is in the checkpoint)."""
+    mod, a, b = MODS[name], tmp_path / "a", tmp_path / "b"
+    argv = lambda out: tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "20", "--log-every", "5")  # noqa
+    assert run_main(mod, argv(a)) == 0
+    calls, real, handler = [], mod.train_step, signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_at_16(*args):
+        calls.append(1)
+        if len(calls) == 16:
+            signal.raise_signal(signal.SIGINT)  # the run's handler only sets a flag
+        return real(*args)
+    monkeypatch.setattr(mod, "train_step", ctrl_c_at_16)
+    assert run_main(mod, argv(b)) == 0
+    monkeypatch.undo()
+    assert load(b / "ckpt.pt")["step"] == 16 and (b / "grid_e001_cfg1.png").exists()
+    assert signal.getsignal(signal.SIGINT) is handler  # restored after the loop
+    assert run_main(mod, ["--resume", str(b / "ckpt.pt")]) == 0
+    wa, wb = load(a / "ckpt.pt"), load(b / "ckpt.pt")
+    assert wa["loss_log"] == wb["loss_log"] and [s for s, _ in wa["loss_log"]] == [5, 10, 15, 20]
+    for part in ("model", "ema"):
+        assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
 
 
-def test_attention_matches_explicit_formula():
-    torch.manual_seed(0)
-    attn = dit_ddpm.Attention(32, heads=4)
-    x = torch.randn(2, 49, 32)
-    q, k, v = attn.qkv(x).view(2, 49, 3, 4, 8).permute(2, 0, 3, 1, 4)
-    w = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1)  # softmax(QKᵀ/√d)
-    ref = attn.proj((w @ v).transpose(1, 2).reshape(2, 49, 32))
-    assert torch.allclose(attn(x), ref, atol=1e-5)
-
-
-# ----------------------------------------------------------------------------- dit_ddpm.py: diffusion
-def test_schedules_at_both_ends():
-    lin, cos = dit_ddpm.Diffusion(400, "linear"), dit_ddpm.Diffusion(1000, "cosine")
-    assert torch.isclose(lin.abar[0], torch.tensor(1 - 1e-4)) and 0.017 < lin.abar[-1] < 0.018  # exp(-Σβ) ≈ 0.0175
-    assert 0.9999 < cos.abar[0] < 1 and cos.abar[-1] < 1e-6  # cosine: ᾱ_T ≈ 0, pure noise at t = T
-    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
-    assert abs(cos.abar[499].item() - f(0.5) / f(0)) < 1e-5  # ᾱ at t = T/2 from the closed form
-    for d in (lin, cos):
-        assert (d.abar[1:] < d.abar[:-1]).all()
-
-
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
-def test_prediction_round_trip_is_exact(prediction):
-    """The training target built from (x0, ε) converts back to the same (x0, ε) at every t."""
-    d = dit_ddpm.Diffusion(400, "cosine", prediction)
-    torch.manual_seed(0)
-    x0, eps = torch.rand(4, 1, 3, 3) * 2 - 1, torch.randn(4, 1, 3, 3)
-    for t in (0, 100, 399):
-        a = d.abar[t]
-        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        out = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[prediction]
-        x0_hat, eps_hat = d.denoise(out, x, t)
-        assert torch.allclose(x0_hat, x0, atol=2e-3 if t == 399 and prediction == "eps" else 1e-5)
-        assert torch.allclose(eps_hat, eps, atol=1e-3)
-
-
-def test_min_snr_weights():
-    a = torch.tensor([0.5, 10 / 11, 0.2])  # SNR = 1, 10, 0.25
-    expect = {"eps": [1.0, 0.5, 1.0], "v": [0.5, 5 / 11, 0.2], "x0": [1.0, 5.0, 0.25]}  # min(SNR, 5) / (SNR, SNR+1, 1)
-    for prediction, w in expect.items():
-        assert torch.allclose(dit_ddpm.Diffusion(10, prediction=prediction, snr_gamma=5).weight(a), torch.tensor(w))
-        assert torch.equal(dit_ddpm.Diffusion(10, prediction=prediction).weight(a), torch.ones(3))
-
-
-class Oracle(torch.nn.Module):
-    """The exact denoiser of a few points: E[x0 | x_t, y] is the softmax-weighted mean of the class's points."""
-
-    def __init__(self, d, points, labels):
-        super().__init__()
-        self.d, self.points, self.labels, self.num_classes = d, points, labels, int(labels.max()) + 1
-        self.channels, self.grid, self.patch = points.shape[1], 1, points.shape[2]
-
-    def forward(self, x, t, y):
-        a = self.d.abar[t].view(-1, 1)
-        xf, p = x.flatten(1), self.points.flatten(1)
-        logits = -((xf[:, None] - a.sqrt()[:, None] * p[None]) ** 2).sum(-1) / (2 * (1 - a))  # log q(x_t | p)
-        logits = logits.masked_fill((self.labels[None] != y[:, None]) & (y[:, None] != self.num_classes), -math.inf)
-        x0 = (logits.softmax(-1) @ p).view_as(x)
-        eps = (x - a.sqrt().view(-1, 1, 1, 1) * x0) / (1 - a).sqrt().view(-1, 1, 1, 1)
-        return {"eps": eps, "v": a.sqrt().view(-1, 1, 1, 1) * eps - (1 - a).sqrt().view(-1, 1, 1, 1) * x0,
-                "x0": x0}[self.d.prediction]
-
-
-POINTS = torch.tensor([[-0.8, 0.6, 0.2, -0.4], [0.5, -0.5, 0.9, 0.1], [0.5, -0.5, 0.9, 0.1], [0.5, -0.5, 0.9, 0.1]])
-LABELS = torch.tensor([0, 1, 1, 1])  # class 1 holds 3 of the 4 points
-
-
-@pytest.mark.parametrize("schedule,prediction,sampler,steps", [
-    ("linear", "eps", "ddpm", 0), ("linear", "eps", "ddim", 20), ("cosine", "v", "ddpm", 0),
-    ("cosine", "v", "ddim", 20), ("cosine", "v", "dpm++", 10), ("cosine", "v", "dpm++", 20),
-    ("cosine", "x0", "dpm++", 10), ("linear", "eps", "dpm++", 20)])
-def test_samplers_land_on_the_points_with_their_frequencies(schedule, prediction, sampler, steps):
-    d = dit_ddpm.Diffusion(1000, schedule, prediction, num_classes=2)  # linear over 1000 steps: ᾱ_T = 4e-5
-    m = Oracle(d, POINTS.view(4, 1, 2, 2), LABELS)
-    gen = torch.Generator().manual_seed(0)
-    n = 1000
-    x, _ = d.sample(m, torch.zeros(n, dtype=torch.long), 0.0, sampler, steps, gen=gen)  # unconditional
-    dist = torch.cdist(x.flatten(1), POINTS)  # (n, 4)
-    assert dist.min(1).values.max() < 0.02  # every sample lands on a point
-    share = (dist.argmin(1) >= 1).float().mean()  # the duplicated point: 3/4 of the mass
-    assert abs(share - 0.75) < 0.05
-    x, _ = d.sample(m, torch.zeros(200, dtype=torch.long), 1.0, sampler, steps, gen=gen)  # class 0 only
-    assert torch.cdist(x.flatten(1), POINTS[:1]).max() < 0.02
-
-
-def test_dpmpp_is_second_order_on_a_gaussian():
-    """Data N(0, s²): E[x0|x_t] = √ᾱ s² / (ᾱ s² + 1 - ᾱ) x_t and the ODE keeps x_t / √(ᾱ s² + 1 - ᾱ) fixed."""
-    s2 = 0.25
-
-    class Gauss(torch.nn.Module):
-        channels, grid, patch, num_classes = 1, 1, 2, 1
-
-        def forward(self, x, t, y):
-            a = d.abar[t].view(-1, 1, 1, 1)
-            return a.sqrt() * s2 / (a * s2 + 1 - a) * x  # x0-prediction
-
-    d = dit_ddpm.Diffusion(1000, "cosine", "x0", num_classes=1)
-    y = torch.zeros(64, dtype=torch.long)
-    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
-    exact = x_T * s2 ** 0.5 / (d.abar[-1] * s2 + 1 - d.abar[-1]).sqrt()
-    inside = exact.abs() < 0.9  # |x0 estimate| <= |x0| along the path: the [-1, 1] clip never acts here
-    err = {(k, n): (d.sample(Gauss(), y, 1.0, k, n, gen=torch.Generator().manual_seed(0))[0] - exact)[inside].abs().max()
-           for k in ("dpm++", "ddim") for n in (5, 10, 20)}
-    assert err["dpm++", 5] / err["dpm++", 10] > 3.5 and err["dpm++", 10] / err["dpm++", 20] > 3.5  # >= 4: order 2
-    assert err["ddim", 5] / err["ddim", 10] < 2.2 and err["ddim", 10] / err["ddim", 20] < 2.2  # ≈ 2: order 1
-    assert err["dpm++", 20] < err["ddim", 20] / 10
-
-
-def test_cfg_scales():
-    m, d = randomise(tiny_dit()), dit_ddpm.Diffusion(400)
-    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 9])
-    t = torch.full((4,), 50)
-    cond, null = m(x, t, y), m(x, t, torch.full_like(y, 10))
-    assert not torch.allclose(cond, null, atol=1e-4)
-    assert torch.allclose(d.guided(m, x, 50, y, 1.0), cond, atol=1e-5)  # s = 1: plain conditional
-    assert torch.allclose(d.guided(m, x, 50, y, 0.0), null, atol=1e-5)  # s = 0: unconditional
-    assert torch.allclose(d.guided(m, x, 50, y, 3.0), null + 3 * (cond - null), atol=1e-4)
-
-
-def test_cfg_scale_1_sampling_equals_the_conditional_model():
-    d = dit_ddpm.Diffusion(100, "cosine", "v")
-    m = randomise(tiny_dit())
-    cond = lambda x, t, y: m(x, t, y.clamp(max=9))  # noqa: E731  the null half also sees the label
-    cond.channels, cond.grid, cond.patch, cond.num_classes = 1, 7, 4, 10
-    y = torch.tensor([0, 3])
-    for sampler in ("dpm++", "ddim"):
-        a, _ = d.sample(m, y, 1.0, sampler, 8, gen=torch.Generator().manual_seed(5))
-        b, _ = d.sample(cond, y, 1.0, sampler, 8, gen=torch.Generator().manual_seed(5))
-        assert torch.allclose(a, b, atol=1e-5)
-
-
-def test_tiny_dit_overfits_64_images():
-    torch.manual_seed(0)
-    y = torch.arange(64) % 10
-    x0 = -torch.ones(64, 1, 28, 28)  # one bar per class, at a class-dependent height
-    for i, c in enumerate(y):
-        x0[i, 0, 2 + 2 * c: 5 + 2 * c, 4:24] = 1
-    m, d = tiny_dit(), dit_ddpm.Diffusion(100, label_dropout=0.0)
-    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(150):
-        loss = d.loss(m, x0, y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert abs(losses[0] - 1.0) < 0.05  # zero output: the loss starts at E[ε²] = 1
-    assert np.mean(losses[-20:]) < 0.5 * losses[0]
-
-
-def test_ema_update_with_warmup():
-    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    ema_before = [p.clone() for p in a.parameters()]
-    common.ema_update(a, b, step=0, decay=0.9999)  # decay at step 0 is 1/10
-    for e0, e, m in zip(ema_before, a.parameters(), b.parameters()):
-        assert torch.allclose(e, 0.1 * e0 + 0.9 * m)
-
-
-# ----------------------------------------------------------------------------- dit_ddpm.py: CLI
-def test_cli_train_resume_sample(fake_mnist, tmp_path):
-    out = str(tmp_path / "run")
-    args = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "2"]
-    assert run_main(dit_ddpm, args + ["--max-steps", "3"]) == 0
-    for f in ["grid_e001_cfg0.png", "grid_e001_cfg1.png", "grid_e001_cfg3.png", "denoise_e001.gif", "ckpt.pt",
-              "loss.csv", "loss.png"]:
-        assert os.path.isfile(os.path.join(out, f)), f
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
-    assert {"model", "ema", "opt", "step", "epoch", "args", "rng"} <= set(ck) and ck["step"] == 3
-    # resume runs on to the end of epoch 1 (256 / 16 = 16 steps) and into epoch 2
-    assert run_main(dit_ddpm, args + ["--max-steps", "20", "--resume", os.path.join(out, "ckpt.pt")]) == 0
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 20
-    assert os.path.isfile(os.path.join(out, "grid_e002_cfg3.png"))
-    assert open(os.path.join(out, "loss.csv")).read().count("\n") == 21  # header + one row a step
-    # sample-only: model sizes come from the checkpoint
-    assert run_main(dit_ddpm, ["--sample-only", "--ckpt", os.path.join(out, "ckpt.pt"), "--out-dir", out,
-                               "--num-samples", "12", "--cfg-scales", "2", "--sample-steps", "3",
-                               "--device", "cpu"]) == 0
-    s = np.load(os.path.join(out, "samples.npz"))
-    assert s["x"].shape == (12, 1, 28, 28) and 0 <= s["x"].min() and s["x"].max() <= 1
-    assert list(s["y"]) == [i % 10 for i in range(12)]
-
-
-def test_resume_is_bit_identical(fake_mnist, tmp_path):
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    base = TINY + ["--data-dir", fake_mnist, "--epochs", "2", "--sample-steps", "1", "--cfg-scales", "1"]
-    assert run_main(dit_ddpm, base + ["--out-dir", a, "--max-steps", "20"]) == 0
-    assert run_main(dit_ddpm, base + ["--out-dir", b, "--max-steps", "7"]) == 0
-    assert run_main(dit_ddpm, base + ["--out-dir", b, "--max-steps", "20", "--resume", f"{b}/ckpt.pt"]) == 0
-    wa, wb = torch.load(f"{a}/ckpt.pt", weights_only=False), torch.load(f"{b}/ckpt.pt", weights_only=False)
-    for k in wa["model"]:
-        assert torch.equal(wa["model"][k], wb["model"][k]), k
-        assert torch.equal(wa["ema"][k], wb["ema"][k]), k
-
-
-@pytest.mark.parametrize("extra, words", [
-    (["--hidden-size", "30", "--num-heads", "4"], "not divisible"),
-    (["--patch-size", "5"], "does not divide"),
-    (["--sample-steps", "50"], "above --timesteps"),
-    (["--sampler", "euler"], "argument --sampler: invalid choice"),
-    (["--dataset", "imagenet"], "unknown --dataset"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--lr", "-1"], "--lr must be"),
-    (["--cfg-scales", "nan"], "--cfg-scales"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--timesteps", "0"], "--timesteps must be >= 1"),
-    (["--depth", "0"], "--depth must be >= 1"),
-    (["--num-samples", "-1"], "--num-samples must be >= 0"),
-    (["--max-steps", "-5"], "--max-steps must be >= 0"),
-    (["--label-dropout", "1.5"], "--label-dropout"),
-    (["--sample-only"], "needs --ckpt"),
-    (["--sample-only", "--ckpt", "nope.pt"], "does not exist"),
+@pytest.mark.parametrize("name, extra, words", [
+    *[(n, e, w) for n in MODS for e, w in [
+        (["--seed", "-1"], "--seed: must be in [0, 4294967296)"), (["--seed", str(2 ** 32)], "--seed"),
+        (["--epochs", "0"], "--epochs: must be in [1"), (["--lr", "-1"], "--lr: must be in (0"),
+        (["--cfg-scales", "nan"], "--cfg-scales"), (["--sample-only"], "needs --ckpt"),
+        (["--sample-only", "--ckpt", "nope.pt"], "does not exist"), (["--device", "gpu"], "no such device"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such device"), (["--batch-size", "300"], "is more than")]],
+    ("dit_ddpm", ["--hidden-size", "30", "--num-heads", "4"], "multiple of 4 x --num-heads"),
+    ("dit_ddpm", ["--patch-size", "5"], "must divide the image size 28"),
+    ("dit_ddpm", ["--sample-steps", "50"], "<= --timesteps"),
+    ("dit_ddpm", ["--sampler", "euler"], "--sampler: invalid choice"),
+    ("dit_ddpm", ["--dataset", "imagenet"], "--dataset: invalid choice"),
+    ("dit_ddpm", ["--label-dropout", "1.5"], "--label-dropout: must be in [0, 1)"),
+    ("dit_flow", ["--patch-size", "3"], "must divide the image size 28"),
+    ("dit_flow", ["--sampler", "ddim"], "--sampler: invalid choice"),
+    ("dit_flow", ["--t-sampling", "beta"], "--t-sampling: invalid choice"),
+    ("ddpm_unet", ["--attn-res", "5"], "resolutions of this UNet [28, 14, 7]"),
+    ("ddpm_unet", ["--channel-mults", "1", "2", "2", "2", "2", "2"], "below 2x2"),
+    ("ddpm_unet", ["--channel-mults", "1", "0"], "--channel-mults: must be in [1"),
+    ("ddpm_unet", ["--base-channels", "6"], "multiple of 4"),
+    ("ddpm_unet", ["--dropout", "1"], "--dropout"),
 ])
-def test_bad_input_exit_2(extra, words, tmp_path, capsys):
-    """Each out-of-range or inconsistent flag: one line, exit code 2, nothing written."""
-    out = tmp_path / "run"
-    assert run_main(dit_ddpm, TINY + ["--out-dir", str(out)] + extra) == 2
-    assert words in capsys.readouterr().out
-    assert not out.exists()
+def test_bad_flags_exit_2(name, extra, words, fake_mnist, tmp_path, capsys):
+    """One line, exit code 2, nothing written."""
+    assert run_main(MODS[name], tiny(name, fake_mnist, tmp_path / "run", *extra)) == 2
+    one_line_error(capsys, words)
+    assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
-def test_missing_cuda_device_exit_2(device, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert run_main(dit_ddpm, TINY[:-2] + ["--device", device, "--out-dir", str(out)]) == 2
-    assert "CUDA is not available" in capsys.readouterr().out and not out.exists()
+# ----------------------------------------------------------------------------- faults, each over the three scripts
+def write_idx_with(folder, labels=None, truncate=False):
+    from conftest import fake_images, write_idx
+    x, y = fake_images(64)
+    write_idx(folder, "train", x, y if labels is None else labels)
+    write_idx(folder, "t10k", x, y)
+    if truncate:
+        with open(os.path.join(folder, "train-images-idx3-ubyte"), "r+b") as f:
+            f.truncate(1000)
 
 
-def test_missing_data_offline_is_one_line(tmp_path, capsys, monkeypatch):
+@SCRIPTS
+@pytest.mark.parametrize("kind, words", [("offline", "not found in"), ("corrupt", "is corrupt or incomplete"),
+                                         ("label 10", "has labels 0..10; mnist needs 0..9")])
+def test_bad_data_exit_2(name, kind, words, tmp_path, capsys, monkeypatch):
     import urllib.request
 
-    def offline(*a, **k):
+    def offline(*args, **kw):
         raise OSError("network is unreachable")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    empty = tmp_path / "empty"
-    assert run_main(dit_ddpm, TINY + ["--data-dir", str(empty), "--out-dir", str(tmp_path / "o")]) == 2
-    msg = capsys.readouterr().out
-    assert "MNIST/raw" in msg and "train-images-idx3-ubyte" in msg and "network" in msg
+    if kind != "offline":
+        write_idx_with(tmp_path / "d" / "MNIST" / "raw", (np.arange(64) % 11).astype(np.uint8) if kind == "label 10"
+                       else None, truncate=kind == "corrupt")
+    assert run_main(MODS[name], tiny(name, str(tmp_path / "d"), tmp_path / "o")) == 2
+    one_line_error(capsys, words, "MNIST/raw")
+    assert not (tmp_path / "o").exists()
 
 
-def test_out_dir_of_another_run_is_not_mixed(fake_mnist, tmp_path, capsys):
-    out = str(tmp_path / "run")
-    args = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2", "--sample-steps", "1"]
-    assert run_main(dit_ddpm, args) == 0
-    before = os.path.getmtime(os.path.join(out, "ckpt.pt"))
-    assert run_main(dit_ddpm, args) == 2  # a second fresh run into the same folder is refused ...
-    assert "already holds a run" in capsys.readouterr().out
-    assert os.path.getmtime(os.path.join(out, "ckpt.pt")) == before
-    os.rename(os.path.join(out, "grid_e001_cfg3.png"), os.path.join(out, "grid_e009_cfg3.png"))
-    assert run_main(dit_ddpm, args + ["--overwrite"]) == 0  # ... and --overwrite clears the old outputs first
-    assert not os.path.exists(os.path.join(out, "grid_e009_cfg3.png"))
+class Exploit:
+    """Unpickling this runs a shell command (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
 
 
-def test_torchrun_two_ranks_identical_weights(fake_mnist, tmp_path):
-    import subprocess
-    import sys
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "dit_ddpm.py",
-           *TINY, "--data-dir", fake_mnist, "--out-dir", str(out), "--max-steps", "3", "--sample-steps", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=os.path.dirname(__file__),
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr[-2000:]
-    sums = sorted(line for line in r.stdout.splitlines() if "weights checksum" in line)
-    assert len(sums) == 2 and sums[0].split()[-1] == sums[1].split()[-1], sums
-    assert r.stdout.count("done: 3 steps") == 1  # only rank 0 reports and writes
-    assert sorted(os.listdir(out)) == sorted(["ckpt.pt", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg1.png",
-                                              "grid_e001_cfg3.png", "loss.csv", "loss.png"])
+BAD_CKPTS = {  # kind -> (make bad file from a good checkpoint, words of the error)
+    "truncated": (lambda ck, p: p.write_bytes(open(ck, "rb").read()[:3000]), "truncated or corrupt"),
+    "not torch": (lambda ck, p: p.write_bytes(b"not a checkpoint"), "truncated or corrupt"),
+    "foreign": (lambda ck, p: torch.save({**load(ck), "script": "other"}, p), "was written by other"),
+    "no rng": (lambda ck, p: torch.save({k: v for k, v in load(ck).items() if k != "rng"}, p), "lacks rng"),
+    "code": (lambda ck, p: torch.save({**load(ck), "args": Exploit(p.parent / "pwned")}, p), "refused"),
+    "odd weights": (lambda ck, p: torch.save({**load(ck), "model": {"x": torch.zeros(1)}}, p), "does not fit"),
+}
 
 
-# ----------------------------------------------------------------------------- faults (issue 6)
-@pytest.fixture(scope="module")
-def trained_ckpt(fake_mnist, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("ck") / "run")
-    assert run_main(dit_ddpm, TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2",
-                                      "--sample-steps", "1"]) == 0
-    return os.path.join(out, "ckpt.pt")
+@SCRIPTS
+@pytest.mark.parametrize("kind", list(BAD_CKPTS))
+def test_bad_checkpoint_exit_2(name, kind, trained, tmp_path, capsys):
+    make, words = BAD_CKPTS[kind]
+    make(trained[name], tmp_path / "bad.pt")
+    for argv in (["--resume", str(tmp_path / "bad.pt")], ["--sample-only", "--ckpt", str(tmp_path / "bad.pt")]):
+        assert run_main(MODS[name], argv + ["--out-dir", str(tmp_path / "o")]) == 2
+        one_line_error(capsys, words)
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("make, words", [
-    (lambda p, ck: open(p, "wb").write(open(ck, "rb").read()[:5000]), "truncated or corrupt"),
-    (lambda p, ck: open(p, "wb").write(b"not a checkpoint"), "truncated or corrupt"),
-    (lambda p, ck: torch.save({**torch.load(ck, weights_only=False), "script": "dit_flow"}, p), "written by dit_flow.py"),
-    (lambda p, ck: torch.save({"weights": 1}, p), "not a checkpoint of this repo"),
-])
-def test_bad_checkpoint_exit_2(make, words, trained_ckpt, tmp_path, capsys):
-    bad = str(tmp_path / "bad.pt")
-    make(bad, trained_ckpt)
-    for flag in ("--ckpt", "--resume"):
-        out = tmp_path / f"o{flag}"
-        extra = ["--sample-only"] if flag == "--ckpt" else []
-        assert run_main(dit_ddpm, [flag, bad, "--out-dir", str(out), "--device", "cpu"] + extra) == 2
-        assert words in capsys.readouterr().out
-        assert not out.exists()
+@SCRIPTS
+def test_resume_refuses_another_recipe_or_world_size(name, trained, tmp_path, capsys):
+    default = str(MODS[name].get_parser().get_default("batch_size"))  # named, it contradicts even as the default
+    assert run_main(MODS[name], ["--resume", trained[name], "--batch-size", default]) == 2
+    one_line_error(capsys, f"has --batch-size 16, but this command asks for {default}")
+    torch.save({**load(trained[name]), "world": 2}, tmp_path / "ddp.pt")
+    assert run_main(MODS[name], ["--resume", str(tmp_path / "ddp.pt")]) == 2
+    one_line_error(capsys, "trained by 2 process(es)")
 
 
-def test_checkpoint_of_other_model_size_exit_2(trained_ckpt, tmp_path, capsys):
+def full_disk_on_call(n, real):
+    """A save function that, on its n-th call, writes part of the file and then fails like a full disk."""
+    calls = []
+
+    def save(*args, **kw):  # torch.save(obj, f) or np.savez_compressed(f, **arrays)
+        calls.append(1)
+        if len(calls) == n:
+            args[-1].write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(*args, **kw)
+    return save
+
+
+@SCRIPTS
+@pytest.mark.parametrize("kind, words, code", [
+    ("a file", "is not a writable folder", 2), ("cannot be made", "is not a writable folder", 2),
+    ("holds a run", "already holds a run", 2), ("full disk: ckpt.pt", "No space left", 1),
+    ("full disk: samples.npz", "No space left", 1)])
+def test_out_dir_faults(name, kind, words, code, trained, fake_mnist, tmp_path, capsys, monkeypatch):
+    """Found before training (a file, a folder that cannot be made, another run's folder) or one line at the failed
+    write, the previous file kept and no temp file left."""
+    out = {"a file": tmp_path / "f", "cannot be made": "/proc/1/nope"}.get(kind, tmp_path / "run")
+    (tmp_path / "f").write_text("x")
+    argv = tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "20", "--num-samples", "3")
+    if kind == "holds a run":
+        assert run_main(MODS[name], argv) == 0
+    elif kind.startswith("full disk"):
+        assert run_main(MODS[name], argv) == 0  # a good ckpt.pt (step 20) and samples.npz first
+        argv = ["--resume", f"{out}/ckpt.pt", "--epochs", "3", "--max-steps", "33"]  # saves at steps 32 and 33
+        what, mod = (torch, "save") if "ckpt" in kind else (np, "savez_compressed")
+        monkeypatch.setattr(what, mod, full_disk_on_call(1, getattr(what, mod)))
+    capsys.readouterr()
+    assert run_main(MODS[name], argv) == code
+    one_line_error(capsys, words)
+    monkeypatch.undo()
+    if kind.startswith("full disk"):
+        assert not [f for f in os.listdir(out) if ".tmp" in f]
+        assert load(f"{out}/ckpt.pt")["step"] == (20 if "ckpt" in kind else 33)
+        assert len(np.load(f"{out}/samples.npz")["x"]) == 3
+    if kind == "holds a run":
+        assert run_main(MODS[name], argv + ["--overwrite"]) == 0
+
+
+@SCRIPTS
+def test_nan_weights_are_never_saved(name, fake_mnist, tmp_path, monkeypatch, capsys):
+    mod, real = MODS[name], MODS[name].train_step
+
+    def poisoned(a, net, *rest):
+        loss = real(a, net, *rest)
+        with torch.no_grad():
+            [p.fill_(float("nan")) for p in net.parameters()]
+        return loss
+    monkeypatch.setattr(mod, "train_step", poisoned)
+    argv = tiny(name, fake_mnist, tmp_path / "run", "--log-every", "1000")  # the loss is not looked at before a save
+    assert run_main(mod, argv) == 1
+    one_line_error(capsys, "weights are NaN/inf at step 16", "nothing saved")
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+@SCRIPTS
+def test_nan_samples_are_an_error(name, trained, tmp_path, capsys):
+    ck = load(trained[name])
+    torch.save({**ck, "ema": {k: v * float("nan") if v.is_floating_point() else v for k, v in ck["ema"].items()}},
+               tmp_path / "nan.pt")
     out = tmp_path / "o"
-    argv = ["--sample-only", "--ckpt", trained_ckpt, "--out-dir", str(out), "--device", "cpu", "--hidden-size", "64"]
-    assert run_main(dit_ddpm, argv) == 2
-    assert "has --hidden-size 32, but this command asks for 64" in capsys.readouterr().out
-    ck = torch.load(trained_ckpt, weights_only=False)
-    ck["model"]["final.linear.weight"] = torch.zeros(3, 3)  # weights that do not fit the recorded sizes
-    torch.save(ck, tmp_path / "odd.pt")
-    argv = ["--sample-only", "--ckpt", str(tmp_path / "odd.pt"), "--out-dir", str(out), "--sample-steps", "4"]
-    assert run_main(dit_ddpm, argv) == 2
-    assert "does not fit this model" in capsys.readouterr().out and not out.exists()
+    assert run_main(MODS[name], ["--sample-only", "--ckpt", str(tmp_path / "nan.pt"), "--out-dir", str(out),
+                                 "--num-samples", "4"]) == 1
+    one_line_error(capsys, "sampling produced NaN/inf")
+    assert not (out / "samples.npz").exists() and not [f for f in os.listdir(out) if f.endswith(".png")]
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(fake_mnist, tmp_path, monkeypatch, capsys):
-    out = str(tmp_path / "run")
-    real_step = dit_ddpm.train_step
+# ----------------------------------------------------------------------------- signals and kills (subprocesses)
+@SCRIPTS
+def test_sigterm_then_the_printed_command_resumes_the_same_run(name, fake_mnist, tmp_path):
+    out = tmp_path / "run dir"  # a space: the printed command quotes it
+    p = start(name, tiny(name, fake_mnist, out, "--epochs", "3", "--max-steps", "40", "--num-samples", "6",
+                         "--cfg-scales", "2"))
+    wait_for(p, "epoch 1/3 step 3/40")
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    cmd = rest.strip().splitlines()[-1].strip()
+    assert cmd == f"python {name}.py --resume {shlex.quote(str(out / 'ckpt.pt'))}"
+    assert run_main(MODS[name], shlex.split(cmd)[2:]) == 0
+    assert load(out / "ckpt.pt")["step"] == 40 and (out / "grid_e003_cfg2.png").exists()
+    s = np.load(out / "samples.npz")
+    assert len(s["x"]) == 6 and float(s["cfg_scale"]) == 2 and int(s["sample_steps"]) == 2
 
-    def step_then_nan(a, net, model, ema, opt, diff, x0, y, step, total):
-        loss = real_step(a, net, model, ema, opt, diff, x0, y, step, total)
-        return loss * float("nan") if step >= 17 else loss
-    monkeypatch.setattr(dit_ddpm, "train_step", step_then_nan)
-    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "30", "--sample-steps", "1"]
-    assert run_main(dit_ddpm, argv) == 1
-    assert "loss is nan at step 18" in capsys.readouterr().err
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 16  # end of epoch 1
+
+@SCRIPTS
+@pytest.mark.parametrize("mode", ["after training", "sample-only"])
+def test_ctrl_c_while_sampling_stops_with_130(name, mode, trained, fake_mnist, tmp_path):
+    out = tmp_path / "o"
+    argv = ["--sample-only", "--ckpt", trained[name], "--out-dir", str(out)] if mode == "sample-only" else \
+        tiny(name, fake_mnist, out, "--max-steps", "2")
+    p = start(name, argv + ["--num-samples", "50000"])
+    if mode == "sample-only":
+        while not (out / ".lock").exists() and p.poll() is None:
+            time.sleep(0.1)
+    else:
+        wait_for(p, "epoch 1/")
+    time.sleep(1)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err == "error: interrupted\n", err
+
+
+@SCRIPTS
+def test_a_live_run_owns_its_folder(name, fake_mnist, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = tiny(name, fake_mnist, out, "--epochs", "500")
+    p = start(name, argv)
+    wait_for(p, "epoch 2/500 step 17/")  # ckpt.pt is written at step 16
+    planted = out / f"samples.npz.tmp{p.pid}"  # a temp file of the live run
+    planted.write_text("in flight")
+    for second in (argv, argv + ["--overwrite"], ["--resume", str(out / "ckpt.pt")]):
+        assert run_main(MODS[name], second) == 2
+        one_line_error(capsys, f"in use by a live run (pid {p.pid})")
+    assert planted.exists()
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 0
 
 
 KILL_MID_SAVE = """
-import os, signal, sys, torch, dit_ddpm
+import os, signal, sys, torch
 real, n = torch.save, [0]
 def dying_save(obj, f):
     n[0] += 1
     if n[0] == 2:  # the second checkpoint: write part of it, then die as if killed
-        real(obj, f)
-        open(f, "r+b").truncate(3000)
+        f.write(b"partial")
         os.kill(os.getpid(), signal.SIGKILL)
     real(obj, f)
 torch.save = dying_save
-dit_ddpm.main(sys.argv[1:])
+mod = __import__(sys.argv[1])
+mod.main(sys.argv[2:])
 """
 
 
-def test_kill_mid_save_keeps_previous_checkpoint(fake_mnist, tmp_path):
-    import subprocess
-    import sys
-    out = str(tmp_path / "run")
-    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "3", "--sample-steps", "1"]
-    r = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, *argv], capture_output=True, text=True, timeout=120,
-                       cwd=os.path.dirname(__file__))
-    assert r.returncode == -9
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == 16  # the first epoch's, intact
-    assert [f for f in os.listdir(out) if ".tmp" in f]  # the half-written temp file is all that was lost
-    assert run_main(dit_ddpm, argv + ["--resume", os.path.join(out, "ckpt.pt"), "--max-steps", "18"]) == 0
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
+@SCRIPTS
+def test_kill_mid_save_keeps_the_previous_checkpoint(name, fake_mnist, tmp_path):
+    out = tmp_path / "run"
+    argv = tiny(name, fake_mnist, out, "--epochs", "3", "--sample-steps", "1")
+    r = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, name, *argv], capture_output=True, text=True, timeout=120,
+                       cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -9, r.stderr[-2000:]
+    assert load(out / "ckpt.pt")["step"] == 16 and [f for f in os.listdir(out) if ".tmp" in f]
+    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt"), "--max-steps", "18"]) == 0  # the lock was stale
+    assert not [f for f in os.listdir(out) if ".tmp" in f] and load(out / "ckpt.pt")["step"] == 18
 
 
-def test_sigterm_saves_and_prints_resume_command(fake_mnist, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    out = str(tmp_path / "run")
-    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--epochs", "500", "--sample-steps", "1"]
-    p = subprocess.Popen([sys.executable, "dit_ddpm.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, cwd=os.path.dirname(__file__))
-    for line in p.stdout:  # wait until training is under way
-        if line.startswith("epoch 1/500 step 3/"):
-            break
-    p.send_signal(signal.SIGTERM)
-    rest, err = p.communicate(timeout=60)
-    assert p.returncode == 0, err
-    assert "interrupted at step" in rest and f"--resume {out}/ckpt.pt" in rest
-    step = int(rest.split("interrupted at step ")[1].split(";")[0])
-    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)["step"] == step >= 3
+def test_torchrun_two_processes(fake_mnist, tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "dit_ddpm.py", *tiny("dit_ddpm", fake_mnist, out, "--max-steps", "3")], capture_output=True,
+                       text=True, timeout=240, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done;") == 1 and "2 process(es) x batch 16" in r.stdout  # only rank 0 reports and writes
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "denoise_e001.gif", "grid_e001_cfg1.png", "loss.csv", "loss.png"]
+    assert load(out / "ckpt.pt")["world"] == 2 and load(out / "ckpt.pt")["step"] == 3
 
 
-# ----------------------------------------------------------------------------- speed flags (issue 7)
-def test_compile_runs_two_steps_and_saves_plain_weights(fake_mnist, tmp_path):
+# ----------------------------------------------------------------------------- speed
+def test_compile_runs_and_saves_plain_weights(fake_mnist, tmp_path):
     import shutil
     if not (shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (g++/clang++), none on PATH")
-    out = str(tmp_path / "run")
-    assert run_main(dit_ddpm, TINY + ["--data-dir", fake_mnist, "--out-dir", out, "--max-steps", "2", "--compile",
-                                      "--sample-steps", "1", "--cfg-scales", "1"]) == 0
-    ck = torch.load(os.path.join(out, "ckpt.pt"), weights_only=False)
+    out = tmp_path / "run"
+    assert run_main(dit_ddpm, tiny("dit_ddpm", fake_mnist, out, "--max-steps", "2", "--compile")) == 0
+    ck = load(out / "ckpt.pt")
     assert ck["step"] == 2 and not any(k.startswith("_orig_mod") for k in ck["model"])
 
 
-def test_benchmark_mode_prints_throughput_and_writes_nothing(tmp_path, capsys):
-    out = tmp_path / "bench"
-    assert run_main(dit_ddpm, TINY + ["--benchmark", "--out-dir", str(out)]) == 0
+@SCRIPTS
+def test_bench_prints_throughput_and_writes_nothing(name, tmp_path, capsys):
+    import bench
+    bench.main([name, "--steps", "2", *tiny(name, "unused", tmp_path / "o")])
     text = capsys.readouterr().out
-    assert "img/s" in text and "GFLOP/img" in text and "100 samples" in text and not out.exists()
-    gflop = float(re.search(r"([-+.\deE]+) GFLOP/img", text).group(1))  # printed as 0.0031 or 3.1e-05
-    assert 0.001 < gflop < 0.1  # a 32-wide, 1-deep DiT on 49 tokens: a few MFLOP a step per image
+    assert "img/s" in text and "GFLOP/img" in text and "100 samples" in text and not (tmp_path / "o").exists()

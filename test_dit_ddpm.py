@@ -1,0 +1,191 @@
+"""Unit tests for dit_ddpm.py: the DiT and the Diffusion object (schedules, targets, weights, samplers, CFG)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import dit_ddpm
+
+
+# ----------------------------------------------------------------------------- dit_ddpm.py: model
+def tiny_dit(**kw):
+    torch.manual_seed(0)
+    return dit_ddpm.DiT(28, 1, patch=4, dim=32, depth=2, heads=4, **kw)
+
+
+def randomise(model):
+    """Give the zero-initialised layers random weights so outputs depend on every input."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def test_dit_shapes_and_zero_init():
+    m = tiny_dit()
+    x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 399]), torch.tensor([1, 2, 10])
+    out = m(x, t, y)
+    assert out.shape == (3, 1, 28, 28)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained network outputs exactly 0
+    assert randomise(m)(x, t, y).abs().sum() > 0
+
+
+def test_unpatchify_inverts_patchify():
+    m = tiny_dit()
+    x = torch.randn(2, 1, 28, 28)
+    tokens = x.view(2, 1, 7, 4, 7, 4).permute(0, 2, 4, 3, 5, 1).reshape(2, 49, 16)  # patch-major, (N, T, p*p*C)
+    assert torch.equal(m.unpatchify(tokens), x)
+
+
+def test_attention_matches_explicit_formula():
+    """Head h attends with its own slice of q, k and v: out = W_o [softmax(q_h k_hᵀ / √8) v_h for h = 0..3] + b_o."""
+    torch.manual_seed(0)
+    blk = dit_ddpm.DiTBlock(32, heads=4, mlp_ratio=4)
+    x = torch.randn(2, 49, 32)
+    q, k, v = (x @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).split(32, dim=-1)  # (N, T, D) each
+    heads = [torch.softmax(q[..., h:h + 8] @ k[..., h:h + 8].transpose(1, 2) / 8 ** 0.5, -1) @ v[..., h:h + 8]
+             for h in range(0, 32, 8)]
+    ref = blk.attn.out_proj(torch.cat(heads, dim=-1))
+    assert torch.allclose(blk.attn(x, x, x, need_weights=False)[0], ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dit_ddpm.py: diffusion
+def test_schedules_at_both_ends():
+    lin, cos = dit_ddpm.Diffusion(400, "linear"), dit_ddpm.Diffusion(1000, "cosine")
+    assert torch.isclose(lin.abar[0], torch.tensor(1 - 1e-4)) and 0.017 < lin.abar[-1] < 0.018  # exp(-Σβ) ≈ 0.0175
+    assert 0.9999 < cos.abar[0] < 1 and cos.abar[-1] < 1e-6  # cosine: ᾱ_T ≈ 0, pure noise at t = T
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    assert abs(cos.abar[499].item() - f(0.5) / f(0)) < 1e-5  # ᾱ at t = T/2 from the closed form
+    for d in (lin, cos):
+        assert (d.abar[1:] < d.abar[:-1]).all()
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+def test_prediction_round_trip_is_exact(prediction):
+    """The training target built from (x0, ε) converts back to the same (x0, ε) at every t."""
+    d = dit_ddpm.Diffusion(400, "cosine", prediction)
+    torch.manual_seed(0)
+    x0, eps = torch.rand(4, 1, 3, 3) * 2 - 1, torch.randn(4, 1, 3, 3)
+    for t in (0, 100, 399):
+        a = d.abar[t]
+        x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        out = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[prediction]
+        x0_hat, eps_hat = d.denoise(out, x, t)
+        assert torch.allclose(x0_hat, x0, atol=2e-3 if t == 399 and prediction == "eps" else 1e-5)
+        assert torch.allclose(eps_hat, eps, atol=1e-3)
+
+
+def test_min_snr_weights():
+    a = torch.tensor([0.5, 10 / 11, 0.2])  # SNR = 1, 10, 0.25
+    expect = {"eps": [1.0, 0.5, 1.0], "v": [0.5, 5 / 11, 0.2], "x0": [1.0, 5.0, 0.25]}  # min(SNR, 5) / (SNR, SNR+1, 1)
+    for prediction, w in expect.items():
+        assert torch.allclose(dit_ddpm.Diffusion(10, prediction=prediction, snr_gamma=5).weight(a), torch.tensor(w))
+        assert torch.equal(dit_ddpm.Diffusion(10, prediction=prediction).weight(a), torch.ones(3))
+
+
+class Oracle(torch.nn.Module):
+    """The exact denoiser of a few points: E[x0 | x_t, y] is the softmax-weighted mean of the class's points."""
+
+    def __init__(self, d, points, labels):
+        super().__init__()
+        self.d, self.points, self.labels, self.num_classes = d, points, labels, int(labels.max()) + 1
+        self.channels, self.grid, self.patch = points.shape[1], 1, points.shape[2]
+
+    def forward(self, x, t, y):
+        a = self.d.abar[t].view(-1, 1)
+        xf, p = x.flatten(1), self.points.flatten(1)
+        logits = -((xf[:, None] - a.sqrt()[:, None] * p[None]) ** 2).sum(-1) / (2 * (1 - a))  # log q(x_t | p)
+        logits = logits.masked_fill((self.labels[None] != y[:, None]) & (y[:, None] != self.num_classes), -math.inf)
+        x0 = (logits.softmax(-1) @ p).view_as(x)
+        eps = (x - a.sqrt().view(-1, 1, 1, 1) * x0) / (1 - a).sqrt().view(-1, 1, 1, 1)
+        return {"eps": eps, "v": a.sqrt().view(-1, 1, 1, 1) * eps - (1 - a).sqrt().view(-1, 1, 1, 1) * x0,
+                "x0": x0}[self.d.prediction]
+
+
+POINTS = torch.tensor([[-0.8, 0.6, 0.2, -0.4], [0.5, -0.5, 0.9, 0.1], [0.5, -0.5, 0.9, 0.1], [0.5, -0.5, 0.9, 0.1]])
+LABELS = torch.tensor([0, 1, 1, 1])  # class 1 holds 3 of the 4 points
+
+
+@pytest.mark.parametrize("schedule,prediction,sampler,steps", [
+    ("linear", "eps", "ddpm", 0), ("linear", "eps", "ddim", 20), ("cosine", "v", "ddpm", 0),
+    ("cosine", "v", "ddim", 20), ("cosine", "v", "dpm++", 10), ("cosine", "v", "dpm++", 20),
+    ("cosine", "x0", "dpm++", 10), ("linear", "eps", "dpm++", 20)])
+def test_samplers_land_on_the_points_with_their_frequencies(schedule, prediction, sampler, steps):
+    d = dit_ddpm.Diffusion(1000, schedule, prediction, num_classes=2)  # linear over 1000 steps: ᾱ_T = 4e-5
+    m = Oracle(d, POINTS.view(4, 1, 2, 2), LABELS)
+    gen = torch.Generator().manual_seed(0)
+    n = 1000
+    x, _ = d.sample(m, torch.zeros(n, dtype=torch.long), 0.0, sampler, steps, gen=gen)  # unconditional
+    dist = torch.cdist(x.flatten(1), POINTS)  # (n, 4)
+    assert dist.min(1).values.max() < 0.02  # every sample lands on a point
+    share = (dist.argmin(1) >= 1).float().mean()  # the duplicated point: 3/4 of the mass
+    assert abs(share - 0.75) < 0.05
+    x, _ = d.sample(m, torch.zeros(200, dtype=torch.long), 1.0, sampler, steps, gen=gen)  # class 0 only
+    assert torch.cdist(x.flatten(1), POINTS[:1]).max() < 0.02
+
+
+def test_dpmpp_is_second_order_on_a_gaussian():
+    """Data N(0, s²): E[x0|x_t] = √ᾱ s² / (ᾱ s² + 1 - ᾱ) x_t and the ODE keeps x_t / √(ᾱ s² + 1 - ᾱ) fixed."""
+    s2 = 0.25
+
+    class Gauss(torch.nn.Module):
+        channels, grid, patch, num_classes = 1, 1, 2, 1
+
+        def forward(self, x, t, y):
+            a = d.abar[t].view(-1, 1, 1, 1)
+            return a.sqrt() * s2 / (a * s2 + 1 - a) * x  # x0-prediction
+
+    d = dit_ddpm.Diffusion(1000, "cosine", "x0", num_classes=1)
+    y = torch.zeros(64, dtype=torch.long)
+    x_T = torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    exact = x_T * s2 ** 0.5 / (d.abar[-1] * s2 + 1 - d.abar[-1]).sqrt()
+    inside = exact.abs() < 0.9  # |x0 estimate| <= |x0| along the path: the [-1, 1] clip never acts here
+    err = {(k, n): (d.sample(Gauss(), y, 1.0, k, n, gen=torch.Generator().manual_seed(0))[0] - exact)[inside].abs().max()
+           for k in ("dpm++", "ddim") for n in (5, 10, 20)}
+    assert err["dpm++", 5] / err["dpm++", 10] > 3.5 and err["dpm++", 10] / err["dpm++", 20] > 3.5  # >= 4: order 2
+    assert err["ddim", 5] / err["ddim", 10] < 2.2 and err["ddim", 10] / err["ddim", 20] < 2.2  # ≈ 2: order 1
+    assert err["dpm++", 20] < err["ddim", 20] / 10
+
+
+def test_cfg_scales():
+    m, d = randomise(tiny_dit()), dit_ddpm.Diffusion(400)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 9])
+    t = torch.full((4,), 50)
+    cond, null = m(x, t, y), m(x, t, torch.full_like(y, 10))
+    assert not torch.allclose(cond, null, atol=1e-4)
+    assert torch.allclose(d.guided(m, x, 50, y, 1.0), cond, atol=1e-5)  # s = 1: plain conditional
+    assert torch.allclose(d.guided(m, x, 50, y, 0.0), null, atol=1e-5)  # s = 0: unconditional
+    assert torch.allclose(d.guided(m, x, 50, y, 3.0), null + 3 * (cond - null), atol=1e-4)
+
+
+def test_cfg_scale_1_sampling_equals_the_conditional_model():
+    d = dit_ddpm.Diffusion(100, "cosine", "v")
+    m = randomise(tiny_dit())
+    cond = lambda x, t, y: m(x, t, y.clamp(max=9))  # noqa: E731  the null half also sees the label
+    cond.channels, cond.grid, cond.patch, cond.num_classes = 1, 7, 4, 10
+    y = torch.tensor([0, 3])
+    for sampler in ("dpm++", "ddim"):
+        a, _ = d.sample(m, y, 1.0, sampler, 8, gen=torch.Generator().manual_seed(5))
+        b, _ = d.sample(cond, y, 1.0, sampler, 8, gen=torch.Generator().manual_seed(5))
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_tiny_dit_overfits_64_images():
+    torch.manual_seed(0)
+    y = torch.arange(64) % 10
+    x0 = -torch.ones(64, 1, 28, 28)  # one bar per class, at a class-dependent height
+    for i, c in enumerate(y):
+        x0[i, 0, 2 + 2 * c: 5 + 2 * c, 4:24] = 1
+    m, d = tiny_dit(), dit_ddpm.Diffusion(100, label_dropout=0.0)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(150):
+        loss = d.loss(m, x0, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert abs(losses[0] - 1.0) < 0.05  # zero output: the loss starts at E[ε²] = 1
+    assert np.mean(losses[-20:]) < 0.5 * losses[0]
