@@ -48,7 +48,7 @@ def cli(main, argv=None):
 def pick_device(name):
     """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""
     n = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in n if n[k]) if name == "auto" else name)
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in ("cuda", "mps", "cpu") if n[k]) if name == "auto" else name)
     if not m or int(m[2] or 0) >= n[m[1]]:
         raise UsageError(f"--device {name}: no such device on this machine (use auto, cpu, cuda, cuda:N or mps)")
     world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(m[0])
@@ -77,8 +77,8 @@ def pos_embed_2d(dim, grid):
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.cat([timestep_embedding(rows.flatten(), dim // 2), timestep_embedding(cols.flatten(), dim // 2)], 1)
 
-def load_dataset(name, data_dir, classes=10, train=True):
-    """A whole split as uint8 images (N, C, H, W) and int64 labels (N,) in 0..classes-1, through torchvision."""
+def load_dataset(name, data_dir, classes=10, batch=1, train=True):
+    """A whole split as uint8 images (N, C, H, W) and int64 labels (N,) in 0..classes-1 (at least `batch` images)."""
     cls = getattr(torchvision.datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
     folder = os.path.join(data_dir, f"{cls.__name__}/raw" if name != "cifar10" else cls.base_folder)
     try:  # downloads into an empty folder when the network allows
@@ -89,8 +89,9 @@ def load_dataset(name, data_dir, classes=10, train=True):
                          f"({type(e).__name__}: {str(e)[:50]}): place torchvision's files there (train-images-idx3-"
                          f"ubyte, ... or data_batch_1, ...), or empty it and connect to the network")
     x, y = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(ds.targets).long()
-    if not 0 <= y.min() <= y.max() < classes:
-        raise UsageError(f"{folder} has labels {y.min()}..{y.max()}; {name} needs 0..{classes - 1}")
+    if not 0 <= y.min() <= y.max() < classes or len(y) < batch:
+        raise UsageError(f"{folder} has {len(y)} images with labels {y.min()}..{y.max()}; this run needs labels in "
+                         f"0..{classes - 1} and at least {batch} images (--batch-size x processes)")
     return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(), y
 
 def finite(x):
@@ -195,8 +196,10 @@ def load_checkpoint(path, script, keys=("model", "ema", "opt", "step", "args", "
                          if got != script else f"lacks {', '.join(k for k in keys if k not in ckpt)}"))
     return ckpt
 
-def load_state(ckpt, path, model, ema, opt=None):
+def load_state(ckpt, path, model, ema, opt=None, world=1):
     """Weights from a checkpoint and, given the optimiser (a resume), its state and the RNG; a mismatch: one line."""
+    if opt and ckpt["world"] != world:  # every rank's data and noise depend on the number of processes
+        raise UsageError(f"checkpoint {path} was trained by {ckpt['world']} process(es); resume it with as many")
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])

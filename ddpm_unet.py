@@ -371,19 +371,14 @@ def main(argv=None):
     a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
-    if a.resume and ckpt["world"] != world:
-        raise UsageError(f"checkpoint {a.resume} was trained by {ckpt['world']} process(es); resume it with as many")
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     model, ema, opt, obj = build(a, dev)
     if ckpt:  # weights; for --resume also the optimiser and the RNG
-        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
+        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None, world)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
-    K = DATA[a.dataset][2]
-    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, K)
-    if data and len(data[0]) < a.batch_size * world:
-        raise UsageError(f"--batch-size {a.batch_size} x {world} process(es) is more than the {len(data[0])} images")
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, DATA[a.dataset][2], a.batch_size * world)
     if rank == 0:
         claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
     if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \

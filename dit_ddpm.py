@@ -72,7 +72,7 @@ def get_parser():
 
 def check(a):
     """The cross-flag checks argparse cannot make."""
-    for bad, msg in [(a.hidden_size % (4 * a.num_heads), "--hidden-size must be a multiple of 4 x --num-heads"),
+    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and --num-heads"),
                      (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide the image size {DATA[a.dataset][1]}"),
                      (a.sampler != "ddpm" and a.sample_steps > a.timesteps, "--sample-steps must be <= --timesteps"),
                      (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
@@ -104,20 +104,6 @@ class DiTBlock(nn.Module):
         return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
-class FinalLayer(nn.Module):
-    """adaLN (shift, scale) then a linear map from each token to its patch's pixels."""
-
-    def __init__(self, dim, patch, channels):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
-        self.linear = nn.Linear(dim, patch * patch * channels)
-
-    def forward(self, x, c):
-        shift, scale = self.adaLN(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm(x), shift, scale))  # (N, T, p*p*C)
-
-
 class DiT(nn.Module):
     """Patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify."""
 
@@ -131,7 +117,9 @@ class DiT(nn.Module):
         self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        self.final = FinalLayer(dim, patch, channels)
+        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # shift, scale
+        self.final = nn.Linear(dim, patch * patch * channels)  # each token -> its patch's pixels
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -143,7 +131,7 @@ class DiT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         # adaLN-Zero: the modulation layers and the output layer start at zero, so every block is the
         # identity (gates = 0) and the untrained network outputs exactly 0; training opens the gates.
-        for m in [*(blk.adaLN[-1] for blk in [*self.blocks, self.final]), self.final.linear]:
+        for m in [*(blk.adaLN[-1] for blk in self.blocks), self.final_adaLN[-1], self.final]:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -157,7 +145,8 @@ class DiT(nn.Module):
         c = self.t_mlp(timestep_embedding(t, self.freq_dim)) + self.y_embed(y)  # (N, D)
         for blk in self.blocks:
             x = blk(x, c)
-        return self.unpatchify(self.final(x, c))
+        shift, scale = self.final_adaLN(c).chunk(2, dim=1)
+        return self.unpatchify(self.final(modulate(self.final_norm(x), shift, scale)))  # (N, T, p*p*C) -> image
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -330,19 +319,14 @@ def main(argv=None):
     a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
-    if a.resume and ckpt["world"] != world:
-        raise UsageError(f"checkpoint {a.resume} was trained by {ckpt['world']} process(es); resume it with as many")
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     model, ema, opt, obj = build(a, dev)
     if ckpt:  # weights; for --resume also the optimiser and the RNG
-        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
+        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None, world)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
-    K = DATA[a.dataset][2]
-    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, K)
-    if data and len(data[0]) < a.batch_size * world:
-        raise UsageError(f"--batch-size {a.batch_size} x {world} process(es) is more than the {len(data[0])} images")
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, DATA[a.dataset][2], a.batch_size * world)
     if rank == 0:
         claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
     if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \

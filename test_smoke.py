@@ -112,8 +112,8 @@ def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mni
         (["--epochs", "0"], "--epochs: must be in [1"), (["--lr", "-1"], "--lr: must be in (0"),
         (["--cfg-scales", "nan"], "--cfg-scales"), (["--sample-only"], "needs --ckpt"),
         (["--sample-only", "--ckpt", "nope.pt"], "does not exist"), (["--device", "gpu"], "no such device"),
-        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such device"), (["--batch-size", "300"], "is more than")]],
-    ("dit_ddpm", ["--hidden-size", "30", "--num-heads", "4"], "multiple of 4 x --num-heads"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such device"), (["--batch-size", "300"], "at least 300 images")]],
+    ("dit_ddpm", ["--hidden-size", "30", "--num-heads", "4"], "multiple of 4 and --num-heads"),
     ("dit_ddpm", ["--patch-size", "5"], "must divide the image size 28"),
     ("dit_ddpm", ["--sample-steps", "50"], "<= --timesteps"),
     ("dit_ddpm", ["--sampler", "euler"], "--sampler: invalid choice"),
@@ -148,7 +148,7 @@ def write_idx_with(folder, labels=None, truncate=False):
 
 @SCRIPTS
 @pytest.mark.parametrize("kind, words", [("offline", "not found in"), ("corrupt", "is corrupt or incomplete"),
-                                         ("label 10", "has labels 0..10; mnist needs 0..9")])
+                                         ("label 10", "labels 0..10; this run needs labels in 0..9")])
 def test_bad_data_exit_2(name, kind, words, tmp_path, capsys, monkeypatch):
     import urllib.request
 
