@@ -118,10 +118,10 @@ def save_samples(draw, dev, classes, scales, out, tag, seed, view=lambda x: (x +
     return x, y
 
 def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
-    """samples.npz, written atomically: x in [0, 1] (N, C, H, W) and balanced labels y (none when classes = 0)."""
+    """samples.npz, written atomically: x in [0, 1] (N, C, H, W), balanced labels y and the CFG scale (classes > 0)."""
     y, gen = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1)
     x = finite(torch.cat([draw(b.to(dev), scale, gen)[0] for b in y.split(500)]))
-    z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy()} if classes else {}), **meta)
+    z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy(), "cfg_scale": scale} if classes else {}), **meta)
     atomic_write(f"{out}/samples.npz", lambda f: np.savez_compressed(f, **z))
     print(f"wrote {out}/samples.npz: {num} samples, " + ", ".join(f"{k} {v}" for k, v in meta.items()))
     return x, y
@@ -149,6 +149,18 @@ def lr_at(step, lr, warmup, total):
 def ema_update(ema, model, step, decay):
     """EMA with warm-up: the decay grows as (1+step)/(10+step) up to `decay`, so short runs still average."""
     torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - min(decay, (1 + step) / (10 + step)))
+
+def train_step(a, net, opt, obj, x, y, lr):
+    """One optimiser step on obj.loss (whatever the objective) for a batch; the loss as a tensor (no host sync)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        loss = obj.loss(net, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
 
 @contextlib.contextmanager
 def stop_signals():
@@ -211,7 +223,7 @@ def load_state(ckpt, path, model, ema, opt=None, world=1):
         raise UsageError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:100]})")
 
 FREE = {"epochs", "max_steps", "log_every", "sampler", "sample_steps", "eta", "cfg_scales", "num_samples", "device",
-        "amp", "compile", "data_dir", "out_dir", "resume", "ckpt", "sample_only", "overwrite"}  # the rest: the recipe
+        "amp", "compile", "data_dir", "out_dir", "resume", "ckpt", "sample_only"}  # the rest: the recipe
 
 def parse_args(parser, argv, quick, script):
     """-> (args, checkpoint or None). --quick swaps in the small recipe's defaults; --resume / --ckpt PATH brings every
@@ -227,7 +239,7 @@ def parse_args(parser, argv, quick, script):
         if k not in FREE and ckpt["args"].get(k) != v:
             raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {ckpt['args'].get(k)}, but this command "
                              f"asks for {v}")
-    mine = {k: getattr(a, k) for k in ("resume", "ckpt", "sample_only", "overwrite")}
+    mine = {k: getattr(a, k) for k in ("resume", "ckpt", "sample_only")}
     return (argparse.Namespace(**{**vars(a), **ckpt["args"], **mine, "out_dir": os.path.dirname(path) or ".", **given})
             if ckpt else a), ckpt
 
@@ -246,7 +258,7 @@ def claim_out_dir(out, fresh):
         raise UsageError(f"--out-dir {out} is not a writable folder ({e})")
     atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
     if fresh and os.path.exists(f"{out}/ckpt.pt"):
-        raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, start over "
-                         f"with --overwrite, or choose another --out-dir")
+        raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, or remove it "
+                         f"or choose another --out-dir to start over")
     for f in [f for f in os.listdir(out) if ".tmp" in f]:  # temp files of a run that was killed
         os.remove(f"{out}/{f}")

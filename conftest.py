@@ -5,6 +5,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 # Set before torch is imported (by common below): a thread per core of the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -15,6 +16,15 @@ import common  # noqa: E402
 def run_main(mod, argv):
     """A script's main(argv) in-process, as its command line runs it: the exit code (errors go to stderr)."""
     return common.cli(mod.main, argv)
+
+
+def randomise(model):
+    """Give the zero-initialised layers random weights so outputs depend on every input."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
 
 
 def fake_images(n, size=28, channels=1, seed=0):

@@ -1,19 +1,14 @@
-"""The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) trained as a Gaussian
-diffusion on MNIST, Fashion-MNIST or CIFAR-10; unconditional by default, class-conditional with CFG under --cond.
-The diffusion (schedules, eps / v / x0 prediction, min-SNR-γ, DDPM / DDIM / DPM-Solver++ samplers) is dit_ddpm.py's.
+"""The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) on MNIST, Fashion-MNIST or
+CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and sampled by dit_ddpm.py's Diffusion.
 
     python ddpm_unet.py --quick --device cpu                 # the small CPU recipe (QUICK below)
-    python ddpm_unet.py --epochs 20 --device cuda            # reference config (64 wide, mults 1 2 2), MNIST
     python ddpm_unet.py --dataset cifar10 --base-channels 128 --channel-mults 1 2 2 2 --attn-res 16 --cond \\
         --epochs 200 --device cuda                           # DDPM's CIFAR-10 UNet (35.7M params) + labels
     python ddpm_unet.py --resume runs/ddpm_unet/ckpt.pt      # continue a stopped run with all its flags
-    python ddpm_unet.py --sample-only --ckpt runs/ddpm_unet/ckpt.pt --num-samples 1000 --sampler ddpm
 
-Writes to --out-dir: per epoch a 10x10 grid (grid_eNNN.png; with --cond one per CFG scale, grid_eNNN_cfgS.png,
-row = class) and a GIF of the reverse process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with
---num-samples N also samples.npz (labels y with --cond) for evaluate.py. The UNet halves the image once per
---channel-mults entry after the first, zero-padding the input (and cropping the output) to a multiple of
-2^(levels-1): MNIST with 3 levels runs at 28, 14, 7; --attn-res names resolutions of that plan.
+Writes to --out-dir: per epoch a 10x10 grid (grid_eNNN.png; --cond: one per CFG scale, row = class), a GIF of the
+reverse process, ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz for evaluate.py. The input is
+zero-padded to a multiple of 2^(levels-1) and halved once a level: MNIST with 3 levels runs at 28, 14, 7.
 """
 import argparse
 import copy
@@ -26,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
-                    load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, write_npz)
+                    load_state, lr_at, nonneg, parse_args, pick_device, positive, save_checkpoint,
+                    save_loss, save_samples, seed, size, stop_signals, train_step, timestep_embedding, write_npz)
 
 SCRIPT, DATA = "ddpm_unet", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
 QUICK = dict(cond=True, base_channels=32, batch_size=64, epochs=2, lr=2e-3, warmup_steps=100, cfg_scales=[3.0])  # --quick
@@ -59,25 +54,21 @@ def get_parser():
     p.add_argument("--lr", type=positive, default=2e-4, help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=0.0)
     p.add_argument("--warmup-steps", type=count, default=200)
-    p.add_argument("--grad-clip", type=nonneg, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a run")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
     p.add_argument("--sample-steps", type=size, default=50, help="model evaluations for ddim and dpm++")
     p.add_argument("--eta", type=nonneg, default=1.0, help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0 unconditional, 1 conditional")
+    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     return p
 
 
-def check(a):
-    """The cross-flag checks argparse cannot make."""
+def check(a):  # the cross-flag checks argparse cannot make
     plan = resolutions(DATA[a.dataset][1], len(a.channel_mults))
     for bad, msg in [(a.base_channels % 4, "--base-channels must be a multiple of 4 (GroupNorm groups)"),
                      (plan[-1] < 2, f"--channel-mults: {len(plan)} levels shrink {plan[0]}x{plan[0]} below 2x2"),
@@ -148,8 +139,7 @@ class UNet(nn.Module):
     def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(), dropout=0.1,
                  num_classes=0):
         super().__init__()
-        k = 2 ** (len(mults) - 1)
-        self.img_size, self.size, self.channels, self.base = img_size, -(-img_size // k) * k, channels, base
+        self.img_size, self.size, self.channels, self.base = img_size, resolutions(img_size, len(mults))[0], channels, base
         self.num_classes, self.cond = num_classes, num_classes > 0  # label `num_classes` is the null class of CFG
         E = 4 * base
         self.t_mlp = nn.Sequential(nn.Linear(base, E), nn.SiLU(), nn.Linear(E, E))
@@ -183,8 +173,7 @@ class UNet(nn.Module):
     def forward(self, x, t, y=None):  # x (N, C, S, S) -> ε prediction of the same shape
         p = self.size - self.img_size
         x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))  # zeros up to the plan's size (N, C, size, size)
-        emb = self.embed(t, y)
-        h = self.conv_in(x)
+        h, emb = self.conv_in(x), self.embed(t, y)
         skips = [h]
         for blk in self.down:  # ResBlocks take the embedding, the strided convs only h
             h = blk(h, emb) if isinstance(blk, ResBlock) else blk(h)
@@ -193,8 +182,7 @@ class UNet(nn.Module):
             h = blk(h, emb)
         for blk in self.up:
             h = blk(torch.cat([h, skips.pop()], 1), emb) if isinstance(blk, ResBlock) else blk(h)
-        h = self.out(h)
-        return h[:, :, p // 2:p // 2 + self.img_size, p // 2:p // 2 + self.img_size]
+        return self.out(h)[:, :, p // 2:p // 2 + self.img_size, p // 2:p // 2 + self.img_size]  # crop the padding
 
 
 # ----------------------------------------------------------------------------- diffusion
@@ -255,10 +243,8 @@ class Diffusion:
 
     @torch.no_grad()
     def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0, amp=False):
-        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process).
-
-        ddpm: ancestral over all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M).
-        """
+        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process). ddpm: ancestral over
+        all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
         shape = (len(y), model.channels, model.img_size, model.img_size)
         x = torch.randn(shape, device=y.device, generator=gen)
         ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else \
@@ -289,39 +275,26 @@ class Diffusion:
 # ----------------------------------------------------------------------------- training
 def outputs(a, obj, ema, dev, tag, npz=False):
     """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz also samples.npz."""
-    draw = lambda y, s, gen, frames=0: obj.sample(ema, y, s, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)  # noqa: E731
+    def draw(y, scale, gen, frames=0):
+        return obj.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
     if tag:
-        save_samples(draw, dev, 10, a.cfg_scales if a.cond else None, a.out_dir, tag, a.seed)
+        save_samples(draw, dev, 10, a.cfg_scales if ema.num_classes else None, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
-        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed,
-                  **({"cfg_scale": a.cfg_scales[0]} if a.cond else {}), sampler=a.sampler, eta=a.eta,
-                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps)
-
-
-def train_step(a, net, opt, obj, x, y, lr):
-    """One optimiser step on obj.loss for a batch x in [-1, 1]; returns the loss as a tensor (no host sync)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
-        loss = obj.loss(net, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(net.parameters(), a.grad_clip or math.inf)
-    opt.step()
-    return loss.detach()
+        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed, sampler=a.sampler,
+                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
+    """The loop: data on the device as uint8 (CIFAR-10 flipped at random), shuffled per epoch by index; host syncs only to log."""
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total = a.epochs * per_epoch
-    stop_at = min(total, a.max_steps or total)
+    total, say = a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None
+    stop_at, halt, t0 = min(total, a.max_steps or total), False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net, acc, halt, t0, s0 = torch.compile(net) if a.compile else net, torch.tensor(acc, device=dev), False, time.time(), step
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-          f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}") if rank == 0 else None
+    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc, device=dev), step
+    net = torch.compile(net) if a.compile else net
+    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
+        f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
         while step < stop_at and not halt:
             epoch, i0 = divmod(step, per_epoch)
@@ -329,41 +302,45 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
             for i in range(i0, per_epoch):
                 idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
                 x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-                x = torch.where(torch.rand(B, 1, 1, 1, device=dev) < 0.5, x.flip(3), x) if a.dataset == "cifar10" else x
+                if a.dataset == "cifar10":  # left-right flips, one draw per image
+                    x = torch.where(torch.rand(len(x), 1, 1, 1, device=dev) < 0.5, x.flip(3), x)
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
-                ema_update(ema, model, step, a.ema_decay)
+                ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
                 if step % a.log_every == 0 or step == stop_at:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                          f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True) if rank == 0 else None
+                    say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                        f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
                 if step == stop_at or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
-                save_checkpoint(dict(script=SCRIPT, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(a), world=world, loss_log=log, loss_acc=(acc.item(), n),
-                                     rng=[torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]), path)
+                rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
+                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log,
+                                     loss_acc=(acc.item(), n), **state), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
                 if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
-    if rank == 0 and halt:
-        print(f"stopped at step {step}; resume with:\n  {f'torchrun --nproc_per_node={world}' if world > 1 else 'python'} "
-              f"{SCRIPT}.py --resume {shlex.quote(path)}")
+    if halt:
+        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+        say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
     return halt
 
 
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout, K * a.cond).to(dev)
+    K *= a.cond  # 0: unconditional
+    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout, K).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
-    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K * a.cond, dev)
+    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev)
+    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 
 # ----------------------------------------------------------------------------- main
@@ -380,9 +357,9 @@ def main(argv=None):
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
     data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, DATA[a.dataset][2], a.batch_size * world)
     if rank == 0:
-        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
-    if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \
-            and rank == 0:
+        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
+    halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    if rank == 0 and not halted:
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
         print(f"done; outputs in {a.out_dir}")
 

@@ -3,20 +3,18 @@ data, velocity target) on synthetic class patterns or MNIST, sampled with classi
 Heun integration of the learned velocity field.
 
     python dit_flow.py --quick --device cpu                  # the small CPU recipe (QUICK below)
-    python dit_flow.py --device cuda                         # reference config (256 wide, 6 deep), patterns
-    torchrun --nproc_per_node=4 dit_flow.py --device cuda    # the same on 4 GPUs (DDP; --batch-size is per GPU)
+    torchrun --nproc_per_node=4 dit_flow.py --device cuda    # reference config (256 wide, 6 deep) on 4 GPUs
     python dit_flow.py --resume runs/dit_flow/ckpt.pt        # continue a stopped run with all its flags
     python dit_flow.py --sample-only --ckpt runs/dit_flow/ckpt.pt --sampler heun --sample-steps 5 --num-samples 400
 
-Writes to --out-dir: per epoch one grid per CFG scale (grid_eNNN_cfgS.png, row = class; patterns: channel 0) and a
-GIF of the trajectory (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N also samples.npz. On
-patterns every sampling also draws compare_TAG.png (row 1 real, row 2 generated, 4 channels side by side) and prints
-and appends to metrics.csv the class match (nearest noise-free template = requested class) and the RMS to it.
+Writes to --out-dir: per epoch a grid per CFG scale (grid_eNNN_cfgS.png, row = class; patterns: channel 0), a GIF of
+the trajectory (denoise_eNNN.gif), ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz. On patterns
+each sampling also draws compare_TAG.png (row 1 real, row 2 generated, 4 channels side by side) and appends the class
+match (nearest noise-free template = requested class) and the RMS to that template to metrics.csv.
 """
 import argparse
 import copy
 import math
-import os
 import shlex
 import time
 
@@ -25,7 +23,7 @@ import torch.nn as nn
 
 from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
                     load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, to_image, write_npz)
+                    save_loss, save_samples, seed, size, stop_signals, train_step, timestep_embedding, to_image, write_npz)
 
 SCRIPT, DATA = "dit_flow", {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # C, size, K
 QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, epochs=2, lr=2e-3,
@@ -45,7 +43,6 @@ def get_parser():
     p.add_argument("--depth", type=size, default=6)
     p.add_argument("--num-heads", type=size, default=8)
     p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--mlp-ratio", type=positive, default=4.0)
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training times t")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=50)
@@ -54,24 +51,20 @@ def get_parser():
     p.add_argument("--lr", type=positive, default=1e-4, help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=1e-4)
     p.add_argument("--warmup-steps", type=count, default=0)
-    p.add_argument("--grad-clip", type=nonneg, default=1.0, help="max gradient norm (0: off)")
-    p.add_argument("--ema-decay", type=fraction, default=0.9999)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
-    p.add_argument("--overwrite", action="store_true", help="start over in an --out-dir that holds a run")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default="euler", choices=["euler", "heun"], help="heun: 2nd order, last step Euler")
     p.add_argument("--sample-steps", type=size, default=20, help="integration steps from t = 0 to 1")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0 unconditional, 1 conditional")
+    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     return p
 
 
-def check(a):
-    """The cross-flag checks argparse cannot make."""
+def check(a):  # the cross-flag checks argparse cannot make
     for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and --num-heads"),
                      (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide the image size {DATA[a.dataset][1]}"),
                      (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
@@ -114,10 +107,9 @@ def template_scores(x, y):
 
 def viewable(x, all_channels=False):
     """(N, C, H, W) in [-1, 1] -> gray images in [0, 1]: channel 0, or all channels side by side."""
-    x = (x.float().clamp(-1, 1) + 1) / 2
-    if x.shape[1] == 1 or not all_channels:
-        return x[:, :1]
-    x = torch.nn.functional.pad(x, (0, 1), value=1)  # (N, C, H, W + 1): a white line after each channel
+    x = torch.nn.functional.pad((x.float().clamp(-1, 1) + 1) / 2, (0, 1), value=1)  # a white line after each channel
+    if not all_channels:
+        return x[:, :1, :, :-1]
     return x.permute(0, 2, 1, 3).reshape(len(x), 1, x.shape[2], -1)[..., :-1]  # (N, 1, H, C (W+1) - 1)
 
 
@@ -178,8 +170,7 @@ class DiT(nn.Module):
 
     def unpatchify(self, x):  # (N, T, p*p*C) -> (N, C, H, W)
         N, g, p, C = x.shape[0], self.grid, self.patch, self.channels
-        x = x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p)
-        return x.reshape(N, C, g * p, g * p)
+        return x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, g * p, g * p)  # via (N, C, g, p, g, p)
 
     def forward(self, x, t, y):  # x (N, C, H, W), t (N,) time in [0, 1], y (N,) label or null
         x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
@@ -230,10 +221,8 @@ class Flow:
     @staticmethod
     def integrate(velocity, x, steps, method="euler", frames=0):
         """Solve dx/dt = velocity(x, t) from t = 0 to 1 in equal steps; returns x(1) and up to `frames` snapshots.
-
         Heun's last step is an Euler step (as in EDM): at t = 1 the noise x0 can no longer be read from x_t, so the
-        learned v(x, 1) ≈ x - E[x0] says nothing about the path; one O(dt²) local error keeps the method 2nd order.
-        """
+        learned v(x, 1) ≈ x - E[x0] says nothing about the path; one O(dt²) local error keeps the method 2nd order."""
         ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         snaps, every = [x], max(1, steps // frames) if frames else 0
         for i in range(steps):
@@ -249,9 +238,9 @@ class Flow:
 
 # ----------------------------------------------------------------------------- training
 def outputs(a, obj, ema, dev, tag, npz=False):
-    """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz, samples.npz. On patterns
-    also the real-vs-generated figure and the template scores of each set of samples."""
-    draw = lambda y, s, gen, frames=0: obj.sample(ema, y, s, a.sampler, a.sample_steps, gen, frames, a.amp)  # noqa: E731
+    """One sampling: grids, the GIF and (npz) samples.npz; on patterns also compare_TAG.png and the template scores."""
+    def draw(y, scale, gen, frames=0):
+        return obj.sample(ema, y, scale, a.sampler, a.sample_steps, gen, frames, a.amp)
     K, sets = ema.num_classes, []
     if tag:
         x, y = save_samples(draw, dev, K, a.cfg_scales, a.out_dir, tag, a.seed, viewable)
@@ -261,40 +250,25 @@ def outputs(a, obj, ema, dev, tag, npz=False):
                 f"{a.out_dir}/compare_{tag}.png")
     if npz and a.num_samples:
         sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.cfg_scales[0], a.out_dir, a.seed,
-                                            cfg_scale=a.cfg_scales[0], sampler=a.sampler, sample_steps=a.sample_steps))]
-    for what, x, y in sets if a.dataset == "patterns" else []:
-        match, rms = template_scores(x, y)
-        print(f"{what}: class match {100 * match:.1f}% RMS to template {rms:.4f} ({len(x)} samples, {a.sampler} "
-              f"{a.sample_steps} steps)")
+                                            sampler=a.sampler, sample_steps=a.sample_steps))]
+    for what, x, y in sets if a.dataset == "patterns" else []:  # printed, and a row of metrics.csv
+        row = [what, len(x), a.sampler, a.sample_steps, *template_scores(x, y)]
+        print("{}: {} samples, {} {} steps: class match {:.1%}, RMS to template {:.4f}".format(*row))
         with open(f"{a.out_dir}/metrics.csv", "a") as f:
-            f.write("what,n,sampler,sample_steps,class_match,rms\n" * (f.tell() == 0)
-                    + f"{what},{len(x)},{a.sampler},{a.sample_steps},{match:.6f},{rms:.6f}\n")
-
-
-def train_step(a, net, opt, obj, x, y, lr):
-    """One optimiser step on obj.loss for a batch x in [-1, 1]; returns the loss as a tensor (no host sync)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
-        loss = obj.loss(net, x, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(net.parameters(), a.grad_clip or math.inf)
-    opt.step()
-    return loss.detach()
+            f.write("what,n,sampler,sample_steps,class_match,rms\n" * (f.tell() == 0) + ",".join(map(str, row)) + "\n")
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
+    """The loop: data on the device (uint8, or the float patterns), shuffled per epoch by index; host syncs only to log."""
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total = a.epochs * per_epoch
-    stop_at = min(total, a.max_steps or total)
+    total, say = a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None
+    stop_at, halt, t0 = min(total, a.max_steps or total), False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    net, acc, halt, t0, s0 = torch.compile(net) if a.compile else net, torch.tensor(acc, device=dev), False, time.time(), step
-    print(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-          f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}") if rank == 0 else None
+    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc, device=dev), step
+    net = torch.compile(net) if a.compile else net
+    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
+        f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
         while step < stop_at and not halt:
             epoch, i0 = divmod(step, per_epoch)
@@ -303,39 +277,41 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
                 x = x_all[idx].float() / 127.5 - 1 if x_all.dtype == torch.uint8 else x_all[idx]  # -> [-1, 1]
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
-                ema_update(ema, model, step, a.ema_decay)
+                ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
                 if step % a.log_every == 0 or step == stop_at:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    print(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                          f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True) if rank == 0 else None
+                    say(f"epoch {epoch + 1}/{a.epochs} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                        f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
                 if step == stop_at or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
-                save_checkpoint(dict(script=SCRIPT, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                     step=step, args=vars(a), world=world, loss_log=log, loss_acc=(acc.item(), n),
-                                     rng=[torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]), path)
+                rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
+                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log,
+                                     loss_acc=(acc.item(), n), **state), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
                 if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
-    if rank == 0 and halt:
-        print(f"stopped at step {step}; resume with:\n  {f'torchrun --nproc_per_node={world}' if world > 1 else 'python'} "
-              f"{SCRIPT}.py --resume {shlex.quote(path)}")
+    if halt:
+        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
+        say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
     return halt
 
 
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, a.mlp_ratio, K).to(dev)
+    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, num_classes=K).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
-    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, Flow(a.t_sampling, a.label_dropout, K)
+    obj = Flow(a.t_sampling, a.label_dropout, K)
+    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 
 # ----------------------------------------------------------------------------- main
@@ -353,9 +329,9 @@ def main(argv=None):
     data = None if a.sample_only else make_patterns(a.seed) if a.dataset == "patterns" else \
         load_dataset(a.dataset, a.data_dir, DATA[a.dataset][2], a.batch_size * world)
     if rank == 0:
-        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only or a.overwrite))
-    if (a.sample_only or not train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)) \
-            and rank == 0:
+        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
+    halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    if rank == 0 and not halted:
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
         print(f"done; outputs in {a.out_dir}")
 

@@ -6,21 +6,13 @@ import pytest
 import torch
 
 import dit_ddpm
+from conftest import randomise
 
 
 # ----------------------------------------------------------------------------- dit_ddpm.py: model
 def tiny_dit(**kw):
     torch.manual_seed(0)
     return dit_ddpm.DiT(28, 1, patch=4, dim=32, depth=2, heads=4, **kw)
-
-
-def randomise(model):
-    """Give the zero-initialised layers random weights so outputs depend on every input."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 def test_dit_shapes_and_zero_init():

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import ddpm_unet
 import dit_ddpm
 import dit_flow
@@ -243,8 +242,6 @@ def test_out_dir_faults(name, kind, words, code, trained, fake_mnist, tmp_path, 
         assert not [f for f in os.listdir(out) if ".tmp" in f]
         assert load(f"{out}/ckpt.pt")["step"] == (20 if "ckpt" in kind else 33)
         assert len(np.load(f"{out}/samples.npz")["x"]) == 3
-    if kind == "holds a run":
-        assert run_main(MODS[name], argv + ["--overwrite"]) == 0
 
 
 @SCRIPTS
@@ -319,7 +316,7 @@ def test_a_live_run_owns_its_folder(name, fake_mnist, tmp_path, capsys):
     wait_for(p, "epoch 2/500 step 17/")  # ckpt.pt is written at step 16
     planted = out / f"samples.npz.tmp{p.pid}"  # a temp file of the live run
     planted.write_text("in flight")
-    for second in (argv, argv + ["--overwrite"], ["--resume", str(out / "ckpt.pt")]):
+    for second in (argv, ["--resume", str(out / "ckpt.pt")]):
         assert run_main(MODS[name], second) == 2
         one_line_error(capsys, f"in use by a live run (pid {p.pid})")
     assert planted.exists()

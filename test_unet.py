@@ -8,7 +8,7 @@ import torch
 import common
 import ddpm_unet as du
 import dit_ddpm
-from conftest import run_main
+from conftest import randomise, run_main
 
 TINY = ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "--sample-steps", "3", "--batch-size",
         "16", "--log-every", "1", "--device", "cpu"]
@@ -17,15 +17,6 @@ TINY = ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "-
 def tiny_unet(img_size=28, channels=1, mults=(1, 2), attn_res=(), classes=0, base=8):
     torch.manual_seed(0)
     return du.UNet(img_size, channels, base, mults, num_res=1, attn_res=attn_res, dropout=0.0, num_classes=classes)
-
-
-def randomise(model):
-    """Give the zero-initialised layers random weights so outputs depend on every input."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
 
 
 # ----------------------------------------------------------------------------- model
