@@ -26,10 +26,11 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 def ranged(kind, lo, hi=math.inf, open_lo=False):
-    """argparse type: a `kind` number in [lo, hi), or in (lo, hi) with open_lo."""
+    """argparse type: a `kind` number >= lo (> lo with open_lo) and < hi."""
     def parse(s):
         if not (lo < kind(s) if open_lo else lo <= kind(s)) or not kind(s) < hi:
-            raise argparse.ArgumentTypeError(f"must be in {'(' if open_lo else '['}{lo}, {hi}) (got {s})")
+            bound = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi < math.inf else "")
+            raise argparse.ArgumentTypeError(f"must be {bound} (got {s})")
         return kind(s)
     return parse
 
@@ -44,17 +45,22 @@ def cli(main, argv=None):
     except (UsageError, KeyboardInterrupt) as e:
         print(f"error: {e if isinstance(e, UsageError) else 'interrupted'}", file=sys.stderr)
         return getattr(e, "code", 130)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 def pick_device(name):
     """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""
     n = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in ("cuda", "mps", "cpu") if n[k]) if name == "auto" else name)
+    name = next(k for k in ("cuda", "mps", "cpu") if n[k]) if name == "auto" else name
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
     if not m or int(m[2] or 0) >= n[m[1]]:
         raise UsageError(f"--device {name}: no such device on this machine (use auto, cpu, cuda, cuda:N or mps)")
     world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(m[0])
-    if world > 1:  # one GPU a process with NCCL, or gloo on the CPU
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if dev.type == "cuda" else dev
-        torch.cuda.set_device(dev) if dev.type == "cuda" else None
+    if world > 1 and dev.type == "cuda":  # one GPU a process
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(dev)
+    if world > 1:  # NCCL between GPUs, gloo between CPU processes
         torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return int(os.environ.get("RANK", 0)), world, dev
 
@@ -134,7 +140,7 @@ def save_loss(log, out, title, w=640, h=400, m=40):
     (s0, lo), (s1, hi) = [(min(p), max(p) + 1e-3) for p in zip(*pts)]
     xy = [(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts]
     ImageDraw.Draw(img).line(xy, fill=(31, 119, 180), width=2)
-    ImageDraw.Draw(img).text((m, 10), f"{title}: {10 ** hi:.3g} .. {10 ** lo:.3g}, log scale, steps {s0}..{s1}", "black")
+    ImageDraw.Draw(img).text((m, 10), f"{title}: {10 ** hi:.3g} .. {10 ** lo:.3g} (log), steps {s0}..{s1}", "black")
     img.save(f"{out}/loss.png")
 
 
@@ -185,7 +191,7 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise UsageError(f"could not write {path} ({e}); {'the previous one is kept' if os.path.exists(path) else ''}", 1)
+        raise UsageError(f"could not write {path} ({e})" + ("; the previous one is kept" * os.path.exists(path)), 1)
 
 def save_checkpoint(ckpt, path):
     """A plain dict of tensors and plain values, written atomically; weights that are not finite are never written."""
@@ -218,7 +224,8 @@ def load_state(ckpt, path, model, ema, opt=None, world=1):
         if opt:
             opt.load_state_dict(ckpt["opt"])
             torch.set_rng_state(ckpt["rng"][0])
-            torch.cuda.set_rng_state_all(ckpt["rng"][1:]) if len(ckpt["rng"]) > 1 else None
+            if len(ckpt["rng"]) > 1:  # the CUDA generators
+                torch.cuda.set_rng_state_all(ckpt["rng"][1:])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise UsageError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:100]})")
 

@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
-                    load_state, lr_at, nonneg, parse_args, pick_device, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, train_step, timestep_embedding, write_npz)
+                    load_state, lr_at, nonneg, parse_args, pick_device, positive, save_checkpoint, save_loss,
+                    save_samples, seed, size, stop_signals, timestep_embedding, train_step, write_npz)
 
 SCRIPT, DATA = "ddpm_unet", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
-QUICK = dict(cond=True, base_channels=32, batch_size=64, epochs=2, lr=2e-3, warmup_steps=100, cfg_scales=[3.0])  # --quick
+QUICK = dict(cond=True, base_channels=32, batch_size=64, epochs=2, lr=2e-3, warmup_steps=100, cfg_scales=[3.0])
 
 
 # ----------------------------------------------------------------------------- config
@@ -139,7 +139,8 @@ class UNet(nn.Module):
     def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(), dropout=0.1,
                  num_classes=0):
         super().__init__()
-        self.img_size, self.size, self.channels, self.base = img_size, resolutions(img_size, len(mults))[0], channels, base
+        self.img_size, self.channels, self.base = img_size, channels, base
+        self.size = resolutions(img_size, len(mults))[0]  # padded
         self.num_classes, self.cond = num_classes, num_classes > 0  # label `num_classes` is the null class of CFG
         E = 4 * base
         self.t_mlp = nn.Sequential(nn.Linear(base, E), nn.SiLU(), nn.Linear(E, E))
@@ -285,13 +286,13 @@ def outputs(a, obj, ema, dev, tag, npz=False):
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device as uint8 (CIFAR-10 flipped at random), shuffled per epoch by index; host syncs only to log."""
+    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total, say = a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None
     stop_at, halt, t0 = min(total, a.max_steps or total), False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc, device=dev), step
+    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
         f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")

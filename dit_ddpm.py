@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
                     load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, train_step, timestep_embedding, write_npz)
+                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, train_step, write_npz)
 
 SCRIPT, DATA = "dit_ddpm", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
 QUICK = dict(hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, epochs=2, lr=2e-3, warmup_steps=100,
@@ -66,8 +66,8 @@ def get_parser():
 
 
 def check(a):  # the cross-flag checks argparse cannot make
-    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and --num-heads"),
-                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide the image size {DATA[a.dataset][1]}"),
+    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and of --num-heads"),
+                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide {DATA[a.dataset][1]}, the image size"),
                      (a.sampler != "ddpm" and a.sample_steps > a.timesteps, "--sample-steps must be <= --timesteps"),
                      (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
         if bad:
@@ -246,7 +246,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     total, say = a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None
     stop_at, halt, t0 = min(total, a.max_steps or total), False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc, device=dev), step
+    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
         f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")

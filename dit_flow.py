@@ -1,6 +1,5 @@
 """Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained with flow matching (straight path from noise to
-data, velocity target) on synthetic class patterns or MNIST, sampled with classifier-free guidance (CFG) by Euler or
-Heun integration of the learned velocity field.
+data, velocity target) on synthetic class patterns or MNIST; classifier-free guidance (CFG), Euler or Heun sampling.
 
     python dit_flow.py --quick --device cpu                  # the small CPU recipe (QUICK below)
     torchrun --nproc_per_node=4 dit_flow.py --device cuda    # reference config (256 wide, 6 deep) on 4 GPUs
@@ -23,7 +22,8 @@ import torch.nn as nn
 
 from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
                     load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, train_step, timestep_embedding, to_image, write_npz)
+                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, to_image, train_step,
+                    write_npz)
 
 SCRIPT, DATA = "dit_flow", {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # C, size, K
 QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, epochs=2, lr=2e-3,
@@ -65,8 +65,8 @@ def get_parser():
 
 
 def check(a):  # the cross-flag checks argparse cannot make
-    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and --num-heads"),
-                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide the image size {DATA[a.dataset][1]}"),
+    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and of --num-heads"),
+                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide {DATA[a.dataset][1]}, the image size"),
                      (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
         if bad:
             raise UsageError(msg)
@@ -191,12 +191,12 @@ class Flow:
         self.t_sampling, self.label_dropout, self.null = t_sampling, label_dropout, num_classes  # null label for CFG
 
     def sample_t(self, n, device):
-        """Training times in [0, 1]: uniform, or logit-normal t = σ(u), u ~ N(0, 1) (more weight mid-path, as in SD3)."""
+        """Training times in [0, 1]: uniform, or logit-normal t = σ(u), u ~ N(0, 1) (more weight mid-path: SD3)."""
         return torch.sigmoid(torch.randn(n, device=device)) if self.t_sampling == "logit-normal" else \
             torch.rand(n, device=device)
 
     def loss(self, model, x1, y):
-        """E_t,x0 ||v - v_θ(x_t, t, y)||² with labels dropped to null for CFG; data x1 in [-1, 1], noise x0 ~ N(0, I)."""
+        """E_t,x0 ||v - v_θ(x_t, t, y)||² with labels dropped to null for CFG; data x1 in [-1, 1], noise x0 ~ N(0,I)."""
         y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
         t = self.sample_t(len(y), y.device)
         x0, tt = torch.randn_like(x1), t.view(-1, 1, 1, 1)
@@ -259,13 +259,13 @@ def outputs(a, obj, ema, dev, tag, npz=False):
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device (uint8, or the float patterns), shuffled per epoch by index; host syncs only to log."""
+    """The loop: data on the device (uint8 or float patterns), shuffled per epoch by index; host syncs only to log."""
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total, say = a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None
     stop_at, halt, t0 = min(total, a.max_steps or total), False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc, device=dev), step
+    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
         f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")

@@ -54,8 +54,8 @@ def test_ranged_types():
     p.add_argument("--p", type=common.fraction)
     p.add_argument("--lr", type=common.positive)
     assert vars(p.parse_args(["--n", "1", "--p", "0", "--lr", "1e-9"])) == {"n": 1, "p": 0.0, "lr": 1e-9}
-    for argv, words in [(["--n", "0"], "--n: must be in [1, inf)"), (["--p", "1"], "--p: must be in [0, 1)"),
-                        (["--lr", "0"], "--lr: must be in (0, inf)"), (["--lr", "nan"], "--lr"), (["--n", "x"], "--n")]:
+    for argv, words in [(["--n", "0"], "--n: must be >= 1 (got 0)"), (["--p", "1"], "--p: must be >= 0 and < 1"),
+                        (["--lr", "0"], "--lr: must be > 0"), (["--lr", "nan"], "--lr"), (["--n", "x"], "--n")]:
         with pytest.raises(common.UsageError, match=re.escape(words)):
             p.parse_args(argv)
 

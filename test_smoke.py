@@ -19,7 +19,8 @@ from conftest import run_main
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODS = {"dit_ddpm": dit_ddpm, "dit_flow": dit_flow, "ddpm_unet": ddpm_unet}
 TINY = {"dit_ddpm": ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20"],
-        "dit_flow": ["--dataset", "mnist", "--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4"],
+        "dit_flow": ["--dataset", "mnist", "--hidden-size", "32", "--depth", "1", "--num-heads", "2",
+                     "--patch-size", "4"],
         "ddpm_unet": ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "--cond"]}
 SCRIPTS = pytest.mark.parametrize("name", list(MODS))
 
@@ -65,7 +66,8 @@ def trained(fake_mnist, tmp_path_factory):
 @SCRIPTS
 def test_train_resume_sample(name, fake_mnist, tmp_path):
     mod, out = MODS[name], tmp_path / "run"
-    assert run_main(mod, tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "3", "--cfg-scales", "0", "2")) == 0
+    assert run_main(mod, tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "3", "--cfg-scales", "0", "2")) \
+        == 0
     assert {"ckpt.pt", "loss.csv", "loss.png", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg2.png"} \
         <= set(os.listdir(out))
     assert run_main(mod, ["--resume", f"{out}/ckpt.pt", "--max-steps", "20"]) == 0  # the path brings every flag back
@@ -107,23 +109,24 @@ def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mni
 
 @pytest.mark.parametrize("name, extra, words", [
     *[(n, e, w) for n in MODS for e, w in [
-        (["--seed", "-1"], "--seed: must be in [0, 4294967296)"), (["--seed", str(2 ** 32)], "--seed"),
-        (["--epochs", "0"], "--epochs: must be in [1"), (["--lr", "-1"], "--lr: must be in (0"),
+        (["--seed", "-1"], "--seed: must be >= 0 and < 4294967296"), (["--seed", str(2 ** 32)], "--seed"),
+        (["--epochs", "0"], "--epochs: must be >= 1 (got 0)"), (["--lr", "-1"], "--lr: must be > 0 (got -1)"),
         (["--cfg-scales", "nan"], "--cfg-scales"), (["--sample-only"], "needs --ckpt"),
         (["--sample-only", "--ckpt", "nope.pt"], "does not exist"), (["--device", "gpu"], "no such device"),
-        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such device"), (["--batch-size", "300"], "at least 300 images")]],
-    ("dit_ddpm", ["--hidden-size", "30", "--num-heads", "4"], "multiple of 4 and --num-heads"),
-    ("dit_ddpm", ["--patch-size", "5"], "must divide the image size 28"),
+        (["--device", f"cuda:{torch.cuda.device_count()}"], "no such device"),
+        (["--batch-size", "300"], "at least 300 images")]],
+    ("dit_ddpm", ["--hidden-size", "30", "--num-heads", "4"], "multiple of 4 and of --num-heads"),
+    ("dit_ddpm", ["--patch-size", "5"], "must divide 28, the image size"),
     ("dit_ddpm", ["--sample-steps", "50"], "<= --timesteps"),
     ("dit_ddpm", ["--sampler", "euler"], "--sampler: invalid choice"),
     ("dit_ddpm", ["--dataset", "imagenet"], "--dataset: invalid choice"),
-    ("dit_ddpm", ["--label-dropout", "1.5"], "--label-dropout: must be in [0, 1)"),
-    ("dit_flow", ["--patch-size", "3"], "must divide the image size 28"),
+    ("dit_ddpm", ["--label-dropout", "1.5"], "--label-dropout: must be >= 0 and < 1"),
+    ("dit_flow", ["--patch-size", "3"], "must divide 28, the image size"),
     ("dit_flow", ["--sampler", "ddim"], "--sampler: invalid choice"),
     ("dit_flow", ["--t-sampling", "beta"], "--t-sampling: invalid choice"),
     ("ddpm_unet", ["--attn-res", "5"], "resolutions of this UNet [28, 14, 7]"),
     ("ddpm_unet", ["--channel-mults", "1", "2", "2", "2", "2", "2"], "below 2x2"),
-    ("ddpm_unet", ["--channel-mults", "1", "0"], "--channel-mults: must be in [1"),
+    ("ddpm_unet", ["--channel-mults", "1", "0"], "--channel-mults: must be >= 1"),
     ("ddpm_unet", ["--base-channels", "6"], "multiple of 4"),
     ("ddpm_unet", ["--dropout", "1"], "--dropout"),
 ])
