@@ -1,6 +1,5 @@
 """What the scripts share: flag types, device, embeddings, data, images, LR schedule, EMA, checkpoints, run folder."""
 import argparse
-import atexit
 import contextlib
 import math
 import os
@@ -45,7 +44,11 @@ def cli(main, argv=None):
     except (UsageError, KeyboardInterrupt) as e:
         print(f"error: {e if isinstance(e, UsageError) else 'interrupted'}", file=sys.stderr)
         return getattr(e, "code", 130)
-    finally:
+    finally:  # the run's folder is free again
+        for lock in LOCKS:
+            with contextlib.suppress(OSError):
+                os.remove(lock)
+        LOCKS.clear()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -137,10 +140,13 @@ def save_loss(log, out, title, w=640, h=400, m=40):
     with open(f"{out}/loss.csv", "w") as f:
         f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
     pts, img = [(s, math.log10(v)) for s, v in log if 0 < v < math.inf] or [(0, 0)], Image.new("RGB", (w, h), "white")
-    (s0, lo), (s1, hi) = [(min(p), max(p) + 1e-3) for p in zip(*pts)]
-    xy = [(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts]
-    ImageDraw.Draw(img).line(xy, fill=(31, 119, 180), width=2)
-    ImageDraw.Draw(img).text((m, 10), f"{title}: {10 ** hi:.3g} .. {10 ** lo:.3g} (log), steps {s0}..{s1}", "black")
+    (s0, s1), (lo, hi) = [(min(p), max(p) + 1e-9) for p in zip(*pts)]  # step range, log10 loss range
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([m, m, w - m, h - m], outline="gray")
+    draw.line([(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts],
+              fill=(31, 119, 180), width=2)
+    draw.text((m, 10), f"{title}: {10 ** hi:.3g} (top) .. {10 ** lo:.3g} (bottom), log scale; steps {s0}..{s1:.0f}",
+              fill="black")
     img.save(f"{out}/loss.png")
 
 
@@ -250,6 +256,8 @@ def parse_args(parser, argv, quick, script):
     return (argparse.Namespace(**{**vars(a), **ckpt["args"], **mine, "out_dir": os.path.dirname(path) or ".", **given})
             if ckpt else a), ckpt
 
+LOCKS = []  # the .lock files of this process's runs
+
 def claim_out_dir(out, fresh):
     """Own --out-dir while the run lives: a lock file with our pid (also the write probe); refusals are one line."""
     lock = os.path.join(out, ".lock")
@@ -263,7 +271,7 @@ def claim_out_dir(out, fresh):
             f.write(str(os.getpid()))
     except (OSError, ValueError) as e:
         raise UsageError(f"--out-dir {out} is not a writable folder ({e})")
-    atexit.register(lambda: os.path.exists(lock) and os.remove(lock))
+    LOCKS.append(lock)  # removed by cli when main returns
     if fresh and os.path.exists(f"{out}/ckpt.pt"):
         raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, or remove it "
                          f"or choose another --out-dir to start over")

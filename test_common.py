@@ -38,7 +38,10 @@ def test_grid_layout_and_loss_files(tmp_path):
     assert img.getpixel((1, 1)) == 255 and common.to_image(torch.rand(4, 3, 8, 8), 2).mode == "RGB"
     common.save_loss([(1, 1.0), (2, 0.5), (3, 0.25)], tmp_path, "t")
     assert (tmp_path / "loss.csv").read_text() == "step,loss\n1,1.000000\n2,0.500000\n3,0.250000\n"
-    assert Image.open(tmp_path / "loss.png").size == (640, 400)
+    png = Image.open(tmp_path / "loss.png").convert("L")
+    assert png.size == (640, 400)  # the curve runs from the top-left corner of the box to its bottom-right one
+    dark = lambda x, y: min(png.getpixel((x + i, y + j)) for i in (-1, 0, 1) for j in (-1, 0, 1)) < 200  # noqa: E731
+    assert dark(60, 51) and dark(320, 200) and dark(580, 349) and not dark(580, 60) and not dark(60, 340)
 
 
 def test_device_errors():
