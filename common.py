@@ -49,8 +49,6 @@ def cli(main, argv=None):
             with contextlib.suppress(OSError):
                 os.remove(lock)
         LOCKS.clear()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 def pick_device(name):
     """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""

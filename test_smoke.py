@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import ddpm_unet
 import dit_ddpm
 import dit_flow
@@ -105,6 +106,16 @@ def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mni
     assert wa["loss_log"] == wb["loss_log"] and [s for s, _ in wa["loss_log"]] == [5, 10, 15, 20]
     for part in ("model", "ema"):
         assert all(torch.equal(wa[part][k], wb[part][k]) for k in wa[part]), part
+
+
+@SCRIPTS
+def test_quick_recipe(name):
+    """--quick swaps in the script's QUICK defaults (shown in --help); a flag given beside it still wins."""
+    mod = MODS[name]
+    a, _ = common.parse_args(mod.get_parser, ["--quick", "--epochs", "7"], mod.QUICK, name)
+    assert a.epochs == 7 and all(getattr(a, k) == v for k, v in mod.QUICK.items() if k != "epochs")
+    assert any(getattr(mod.get_parser().parse_args([]), k) != v for k, v in mod.QUICK.items())  # not the defaults
+    assert "--quick" in mod.get_parser().format_help()
 
 
 @pytest.mark.parametrize("name, extra, words", [
