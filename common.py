@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 def ranged(kind, lo, hi=math.inf, open_lo=False):
     """argparse type: a `kind` number >= lo (> lo with open_lo) and < hi."""
     def parse(s):
-        if not (lo < kind(s) if open_lo else lo <= kind(s)) or not kind(s) < hi:
+        if not ((lo < kind(s)) if open_lo else (lo <= kind(s))) or not kind(s) < hi:
             bound = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi < math.inf else "")
             raise argparse.ArgumentTypeError(f"must be {bound} (got {s})")
         return kind(s)
@@ -36,6 +37,7 @@ def ranged(kind, lo, hi=math.inf, open_lo=False):
 count, size, nonneg, fraction, seed = ranged(int, 0), ranged(int, 1), ranged(float, 0), ranged(float, 0, 1), \
     ranged(int, 0, 2 ** 32)
 positive = ranged(float, 0, open_lo=True)
+LOCKS = []  # the .lock files of this process's runs (claim_out_dir), removed when main returns
 
 def cli(main, argv=None):
     """main(argv) -> exit code: a UsageError is one line and its code, Ctrl-C outside the training loop 130."""
@@ -44,17 +46,15 @@ def cli(main, argv=None):
     except (UsageError, KeyboardInterrupt) as e:
         print(f"error: {e if isinstance(e, UsageError) else 'interrupted'}", file=sys.stderr)
         return getattr(e, "code", 130)
-    finally:  # the run's folder is free again
-        for lock in LOCKS:
+    finally:
+        while LOCKS:
             with contextlib.suppress(OSError):
-                os.remove(lock)
-        LOCKS.clear()
+                os.remove(LOCKS.pop())
 
 def pick_device(name):
     """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""
-    n = {"cpu": 1, "cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available())}
-    name = next(k for k in ("cuda", "mps", "cpu") if n[k]) if name == "auto" else name
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", name)
+    n = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()), "cpu": 1}
+    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in n if n[k]) if name == "auto" else name)
     if not m or int(m[2] or 0) >= n[m[1]]:
         raise UsageError(f"--device {name}: no such device on this machine (use auto, cpu, cuda, cuda:N or mps)")
     world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(m[0])
@@ -88,13 +88,12 @@ def load_dataset(name, data_dir, classes=10, batch=1, train=True):
     """A whole split as uint8 images (N, C, H, W) and int64 labels (N,) in 0..classes-1 (at least `batch` images)."""
     cls = getattr(torchvision.datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
     folder = os.path.join(data_dir, f"{cls.__name__}/raw" if name != "cifar10" else cls.base_folder)
+    found = os.path.isdir(folder) and os.listdir(folder)
     try:  # downloads into an empty folder when the network allows
-        ds = cls(root=data_dir, train=train, download=not (os.path.isdir(folder) and os.listdir(folder)))
+        ds = cls(root=data_dir, train=train, download=not found)
     except Exception as e:
-        found = os.path.isdir(folder) and os.listdir(folder)
         raise UsageError(f"{name} {'is corrupt or incomplete in' if found else 'not found in'} {folder} "
-                         f"({type(e).__name__}: {str(e)[:50]}): place torchvision's files there (train-images-idx3-"
-                         f"ubyte, ... or data_batch_1, ...), or empty it and connect to the network")
+                         f"({str(e)[:50]}): place torchvision's files there, or empty it and connect to the network")
     x, y = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(ds.targets).long()
     if not 0 <= y.min() <= y.max() < classes or len(y) < batch:
         raise UsageError(f"{folder} has {len(y)} images with labels {y.min()}..{y.max()}; this run needs labels in "
@@ -124,10 +123,23 @@ def save_samples(draw, dev, classes, scales, out, tag, seed, view=lambda x: (x +
     gif[0].save(f"{out}/denoise_{tag}.gif", save_all=True, append_images=gif[1:], duration=[60] * len(gif[1:]) + [1500])
     return x, y
 
+def progress(what, total):
+    """-> tick(done): prints `what done/total img/s N eta T` each time another tenth of `total` is done."""
+    t0, shown = time.time(), [0]
+    def tick(done):
+        if done * 10 // total > shown[0] * 10 // total:
+            shown[0], rate = done, done / max(time.time() - t0, 1e-9)
+            print(f"{what} {done}/{total} img/s {rate:.1f} eta {(total - done) / rate / 60:.1f} min", flush=True)
+    return tick
+
 def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
     """samples.npz, written atomically: x in [0, 1] (N, C, H, W), balanced labels y and the CFG scale (classes > 0)."""
     y, gen = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1)
-    x = finite(torch.cat([draw(b.to(dev), scale, gen)[0] for b in y.split(500)]))
+    xs, tick = [], progress("samples", num)
+    for b in y.split(min(500, -(-num // 10))):  # a tenth a batch (at most 500 images), then a progress line
+        xs.append(draw(b.to(dev), scale, gen)[0])
+        tick(sum(map(len, xs)))
+    x = finite(torch.cat(xs))
     z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy(), "cfg_scale": scale} if classes else {}), **meta)
     atomic_write(f"{out}/samples.npz", lambda f: np.savez_compressed(f, **z))
     print(f"wrote {out}/samples.npz: {num} samples, " + ", ".join(f"{k} {v}" for k, v in meta.items()))
@@ -232,7 +244,6 @@ def load_state(ckpt, path, model, ema, opt=None, world=1):
                 torch.cuda.set_rng_state_all(ckpt["rng"][1:])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise UsageError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:100]})")
-
 FREE = {"epochs", "max_steps", "log_every", "sampler", "sample_steps", "eta", "cfg_scales", "num_samples", "device",
         "amp", "compile", "data_dir", "out_dir", "resume", "ckpt", "sample_only"}  # the rest: the recipe
 
@@ -253,8 +264,6 @@ def parse_args(parser, argv, quick, script):
     mine = {k: getattr(a, k) for k in ("resume", "ckpt", "sample_only")}
     return (argparse.Namespace(**{**vars(a), **ckpt["args"], **mine, "out_dir": os.path.dirname(path) or ".", **given})
             if ckpt else a), ckpt
-
-LOCKS = []  # the .lock files of this process's runs
 
 def claim_out_dir(out, fresh):
     """Own --out-dir while the run lives: a lock file with our pid (also the write probe); refusals are one line."""

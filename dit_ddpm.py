@@ -157,13 +157,6 @@ class Diffusion:
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
-    def abar_at(self, t):  # ᾱ_{-1} = 1: the step after t = 0 is the clean image
-        return self.abar[t] if t >= 0 else torch.ones((), device=self.abar.device)
-
-    @staticmethod
-    def lam(a):  # half log-SNR λ = log(√ᾱ / √(1-ᾱ)); +∞ for the clean image
-        return 0.5 * torch.log(a / (1 - a)) if a < 1 else torch.tensor(math.inf, device=a.device)
-
     def loss(self, model, x0, y):
         """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
         y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
@@ -202,16 +195,14 @@ class Diffusion:
         all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
         shape = (len(y), model.channels, model.grid * model.patch, model.grid * model.patch)
         x = torch.randn(shape, device=y.device, generator=gen)
-        ts = list(range(self.T - 1, -1, -1)) if sampler == "ddpm" else \
-            torch.linspace(self.T - 1, 0, steps).round().long().tolist()  # then the clean image
-        eta = 1.0 if sampler == "ddpm" else eta
-        snaps, every, x0_prev = [x], max(1, len(ts) // frames) if frames else 0, None
-        for i, t in enumerate(ts):
-            s = ts[i + 1] if i + 1 < len(ts) else -1  # the next step; -1 is the clean image
-            a, a_s = self.abar_at(t), self.abar_at(s)
+        n, eta = (self.T, 1.0) if sampler == "ddpm" else (steps, eta)  # ddpm: every step T-1, ..., 0, with η = 1
+        ts = torch.linspace(self.T - 1, 0, n).round().long().tolist() + [-1]  # the n steps, then the clean image
+        snaps, every, x0_prev = [x], max(1, n // frames) if frames else 0, None
+        for i, (t, s) in enumerate(zip(ts, ts[1:])):  # from step t to the next one, s
+            a, a_s = self.abar[t], self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
-                h = self.lam(a_s) - self.lam(a)
+                h = 0.5 * (torch.log(a_s / (1 - a_s)) - torch.log(a / (1 - a)))  # λ_s - λ_t, +∞ at the clean image
                 D = x0
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
                     r = h_prev / h
@@ -222,7 +213,7 @@ class Diffusion:
                 sigma = eta * ((1 - a_s) / (1 - a) * (1 - a / a_s)).sqrt()
                 noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
                 x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
-            if frames and ((i + 1) % every == 0 or i + 1 == len(ts)):
+            if frames and ((i + 1) % every == 0 or s < 0):
                 snaps.append(x)
         return x.clamp(-1, 1), snaps
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Parser, UsageError, cli, load_checkpoint, load_dataset, pick_device, save_checkpoint
+from common import Parser, UsageError, cli, load_checkpoint, load_dataset, pick_device, progress, save_checkpoint
 
 SCRIPT = "evaluate"
 ARCH = 1  # bump when Classifier or its training changes: cached weights under the old hash stop matching
@@ -120,6 +120,7 @@ def train_classifier(model, x, y, epochs, seed, dev, batch=64, lr=2e-3, shift=2)
     x, y = x.to(dev), y.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen, steps, step = torch.Generator().manual_seed(seed), epochs * -(-len(x) // batch), 0
+    tick = progress("classifier", epochs * len(x))  # a line each tenth of the images seen: done/total, img/s, eta
     model.train()
     for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).to(dev).split(batch):
@@ -132,6 +133,7 @@ def train_classifier(model, x, y, epochs, seed, dev, batch=64, lr=2e-3, shift=2)
             loss.backward()
             opt.step()
             step += 1
+            tick(min(step * batch, epochs * len(x)))
         print(f"classifier epoch {epoch + 1}/{epochs} loss {loss.item():.4f}", flush=True)
     return model.eval()
 

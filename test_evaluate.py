@@ -117,6 +117,7 @@ def test_classifier_is_cached_and_deterministic(fake_mnist, tmp_path, capsys, mo
     argv = [samples, "--data-dir", fake_mnist, "--max-train", "64"] + FAST  # 64 training images: 2 steps an epoch
     code, out = run(argv + ["--cache-dir", str(tmp_path / "c1")], capsys)
     assert code == 0 and "training the classifier" in out and "test accuracy" in out, out
+    assert "classifier 64/128 img/s " in out and "classifier 128/128 img/s " in out  # progress: images seen / total
     (path,) = glob.glob(str(tmp_path / "c1" / "classifier-mnist-*.pt"))
     mtime, first = os.path.getmtime(path), json.load(open(tmp_path / "s.eval.json"))
 
