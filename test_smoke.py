@@ -77,8 +77,9 @@ def test_train_resume_sample(name, fake_mnist, tmp_path, capsys):
     assert (out / "grid_e002_cfg2.png").exists() and (out / "loss.csv").read_text().count("\n") == 21
     assert run_main(mod, ["--sample-only", "--ckpt", f"{out}/ckpt.pt", "--out-dir", str(tmp_path / "s"),
                           "--num-samples", "12"]) == 0
-    ticks = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("samples ")]  # progress: a batch a tenth
-    assert ticks[0].startswith("samples 2/12 img/s ") and ticks[-1].startswith("samples 12/12 img/s ") and len(ticks) == 6
+    ticks = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("samples ")]  # a line a batch of 2
+    assert len(ticks) == 6 and ticks[0].startswith("samples 2/12 img/s ") and " eta " in ticks[0]
+    assert ticks[-1].startswith("samples 12/12 img/s ")
     s = np.load(tmp_path / "s" / "samples.npz")
     assert s["x"].shape == (12, 1, 28, 28) and 0 <= s["x"].min() and s["x"].max() <= 1 and float(s["cfg_scale"]) == 0
     assert list(s["y"]) == [i % 10 for i in range(12)] and (tmp_path / "s" / "grid_sample_cfg2.png").exists()
