@@ -47,7 +47,7 @@ def test_cfg_scales():
 
 # ----------------------------------------------------------------------------- data
 def reference_raw_templates():
-    """The issue's formulas, written independently with numpy: (class, channel, 32, 32) before normalising."""
+    """The README's formulas, written independently with numpy: (class, channel, 32, 32) before normalising."""
     u = np.linspace(-np.pi, np.pi, 32)
     x, y = u[None, :], u[:, None]  # x varies along a row (columns), y down a column (rows)
     r = np.sqrt(x ** 2 + y ** 2)
@@ -112,6 +112,24 @@ def test_loss_on_the_straight_path():
     assert torch.isclose(loss, ((x1 - x0) ** 2).mean())  # zero output: the loss is E|v|², v = x1 - x0
     assert 0.2 < (yy == 4).float().mean() < 0.3 and torch.equal(yy[yy != 4], y[yy != 4])  # 25% null labels
 
+
+
+def test_x1_prediction_loss_and_velocity():
+    """--prediction x1: the loss is E|x1 - out|²; sampling turns the guided output into v = (clip(out) - x_t)/(1 - t)."""
+    torch.manual_seed(0)
+    x1, y, m = torch.rand(64, 1, 4, 4) * 2 - 1, torch.arange(64) % 4, Recorder()
+    assert torch.isclose(dit_flow.Flow(prediction="x1", num_classes=4).loss(m, x1, y), (x1 ** 2).mean())
+    flow, x = dit_flow.Flow(prediction="x1", num_classes=4), torch.randn(2, 1, 4, 4)
+    const = lambda out: type("M", (), {"__call__": lambda self, x, t, y: out.repeat(2, 1, 1, 1)})()  # noqa: E731
+    for t in (0.0, 0.3, 0.95):
+        out = torch.full((1, 1, 4, 4), 2.0)  # outside the data range: clipped to 1
+        assert torch.allclose(flow.guided(const(out), x, t, torch.tensor([0, 1]), 3.0), (1 - x) / (1 - t))
+    target = torch.rand(1, 1, 4, 4) * 2 - 1  # a model that always predicts the same image: Euler lands on it
+    flow_model = const(target)
+    flow_model.channels, flow_model.grid, flow_model.patch = 1, 2, 2
+    for steps in (1, 4):
+        got, _ = flow.sample(flow_model, torch.tensor([0, 1]), 1.0, "euler", steps, gen=torch.Generator().manual_seed(0))
+        assert torch.allclose(got, target.expand(2, -1, -1, -1), atol=1e-6)
 
 def test_t_sampling_uniform_and_logit_normal():
     """Uniform puts 10% of the times in each tenth of [0, 1]; logit-normal 1.4% below 0.1, 31.5% in (0.4, 0.6)."""
