@@ -58,7 +58,7 @@ def get_parser():
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=20, help="model evaluations for ddim and dpm++")
+    p.add_argument("--sample-steps", type=size, default=10, help="model evaluations for ddim and dpm++")
     p.add_argument("--eta", type=nonneg, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")

@@ -1,15 +1,15 @@
 """Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained with flow matching (straight path from noise to
-data, velocity target) on synthetic class patterns or MNIST; classifier-free guidance (CFG), Euler or Heun sampling.
+data; the network predicts the data or the velocity) on synthetic class patterns or MNIST; classifier-free guidance
+(CFG), Euler or Heun sampling.
 
     python dit_flow.py --quick --device cpu                  # the small CPU recipe (QUICK below)
     torchrun --nproc_per_node=4 dit_flow.py --device cuda    # reference config (256 wide, 6 deep) on 4 GPUs
     python dit_flow.py --resume runs/dit_flow/ckpt.pt        # continue a stopped run with all its flags
     python dit_flow.py --sample-only --ckpt runs/dit_flow/ckpt.pt --sampler heun --sample-steps 5 --num-samples 400
 
-Writes to --out-dir: per epoch a grid per CFG scale (grid_eNNN_cfgS.png, row = class; patterns: channel 0), a GIF of
-the trajectory (denoise_eNNN.gif), ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz. On patterns
-each sampling also draws compare_TAG.png (row 1 real, row 2 generated, 4 channels side by side) and appends the class
-match (nearest noise-free template = requested class) and the RMS to that template to metrics.csv.
+Writes to --out-dir: per epoch a grid per CFG scale (grid_eNNN_cfgS.png, row = class; patterns: channel 0), a GIF,
+ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz. On patterns also compare_TAG.png (row 1 real, row 2
+generated, 4 channels side by side) and metrics.csv (class match to the nearest template, RMS to the requested one).
 """
 import argparse
 import copy
@@ -27,7 +27,7 @@ from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema
 
 SCRIPT, DATA = "dit_flow", {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # C, size, K
 QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, max_steps=2200,
-             lr=2e-3, warmup_steps=100, cfg_scales=[3.0])  # --quick: about 5 min on 2 CPU cores
+             lr=2e-3, warmup_steps=100, cfg_scales=[1.5])  # --quick: under 5 min on 2 CPU cores
 
 
 # ----------------------------------------------------------------------------- config
@@ -44,7 +44,7 @@ def get_parser():
     p.add_argument("--num-heads", type=size, default=8)
     p.add_argument("--patch-size", type=size, default=2)
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training times t")
-    p.add_argument("--prediction", default="v", choices=["v", "x1"], help="what the network predicts: velocity or data")
+    p.add_argument("--prediction", default="x1", choices=["v", "x1"], help="what the network predicts: velocity or data")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=50)
     p.add_argument("--max-steps", type=count, default=0, help="run length in steps, the LR schedule spans it (0: --epochs)")
@@ -109,9 +109,8 @@ def template_scores(x, y):
 def viewable(x, all_channels=False):
     """(N, C, H, W) in [-1, 1] -> gray images in [0, 1]: channel 0, or all channels side by side."""
     x = torch.nn.functional.pad((x.float().clamp(-1, 1) + 1) / 2, (0, 1), value=1)  # a white line after each channel
-    if not all_channels:
-        return x[:, :1, :, :-1]
-    return x.permute(0, 2, 1, 3).reshape(len(x), 1, x.shape[2], -1)[..., :-1]  # (N, 1, H, C (W+1) - 1)
+    x = x.permute(0, 2, 1, 3).reshape(len(x), 1, x.shape[2], -1) if all_channels else x[:, :1]  # (N, 1, H, C (W+1))
+    return x[..., :-1]
 
 
 # ----------------------------------------------------------------------------- model
@@ -189,18 +188,14 @@ class Flow:
     """Flow matching on the straight path from noise x0 (t = 0) to data x1 (t = 1); Euler / Heun sampling with CFG."""
 
     def __init__(self, t_sampling="uniform", prediction="v", label_dropout=0.1, num_classes=10):
-        self.t_sampling, self.prediction = t_sampling, prediction  # the network predicts v, or the data x1
-        self.label_dropout, self.null = label_dropout, num_classes  # label `num_classes` is the null label
+        self.t_sampling, self.prediction, self.label_dropout, self.null = t_sampling, prediction, label_dropout, num_classes
 
-    def sample_t(self, n, device):
-        """Training times in [0, 1]: uniform, or logit-normal t = σ(u), u ~ N(0, 1) (more weight mid-path: SD3)."""
-        return torch.sigmoid(torch.randn(n, device=device)) if self.t_sampling == "logit-normal" else \
-            torch.rand(n, device=device)
+    def sample_t(self, n, device):  # uniform, or logit-normal t = σ(u), u ~ N(0, 1) (more weight mid-path: SD3)
+        return torch.sigmoid(torch.randn(n, device=device)) if self.t_sampling == "logit-normal" else torch.rand(n, device=device)
 
     def loss(self, model, x1, y):
-        """E_t,x0 ||target - model(x_t, t, y)||², target v or x1, labels dropped to null for CFG; data x1 in [-1, 1],
-        noise x0 ~ N(0, I). In x1 units the v loss weighs time t by 1/(1-t)² (most on the last, nearly clean
-        stretch), the x1 loss evenly: the same choice as ε/v against x0 in dit_ddpm.py."""
+        """E_t,x0 ||target - model(x_t, t, y)||², target v or x1 (in x1 units v weighs t by 1/(1-t)², x1 evenly), labels
+        dropped to null for CFG; data x1 in [-1, 1], noise x0 ~ N(0, I)."""
         y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
         t = self.sample_t(len(y), y.device)
         x0, tt = torch.randn_like(x1), t.view(-1, 1, 1, 1)
@@ -225,9 +220,8 @@ class Flow:
 
     @staticmethod
     def integrate(velocity, x, steps, method="euler", frames=0):
-        """Solve dx/dt = velocity(x, t) from t = 0 to 1 in equal steps; returns x(1) and up to `frames` snapshots.
-        Heun's last step is an Euler step (as in EDM): at t = 1 the noise x0 can no longer be read from x_t, so the
-        learned v(x, 1) ≈ x - E[x0] says nothing about the path; one O(dt²) local error keeps the method 2nd order."""
+        """Solve dx/dt = velocity(x, t) from t = 0 to 1 in equal steps -> x(1), up to `frames` snapshots. Heun's last
+        step is Euler (as in EDM): v at t = 1 says nothing about the path; one O(dt²) local error keeps order 2."""
         ts = torch.linspace(0, 1, steps + 1, dtype=torch.float64).tolist()
         snaps, every = [x], max(1, steps // frames) if frames else 0
         for i in range(steps):
@@ -251,8 +245,8 @@ def outputs(a, obj, ema, dev, tag, npz=False):
         x, y = save_samples(draw, dev, K, a.cfg_scales, a.out_dir, tag, a.seed, viewable)
         sets = [(f"{tag} cfg {s:g}", x[i * K * 10:(i + 1) * K * 10], y[:K * 10]) for i, s in enumerate(a.cfg_scales)]
         if a.dataset == "patterns":  # row 1 real, row 2 the first sample of each class at the last scale
-            to_image(viewable(torch.cat([make_patterns(a.seed, K)[0].to(dev), x[-K * 10::10]]), True), K).save(
-                f"{a.out_dir}/compare_{tag}.png")
+            real_and_ours = torch.cat([make_patterns(a.seed, K)[0].to(dev), x[-K * 10::10]])
+            to_image(viewable(real_and_ours, True), K).save(f"{a.out_dir}/compare_{tag}.png")
     if npz and a.num_samples:
         sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.cfg_scales[0], a.out_dir, a.seed,
                                             sampler=a.sampler, sample_steps=a.sample_steps))]
