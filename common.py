@@ -1,12 +1,5 @@
-"""What the scripts share: flag types, device, embeddings, data, images, LR schedule, EMA, checkpoints, run folder."""
-import argparse
-import contextlib
-import math
-import os
-import re
-import signal
-import sys
-import time
+"""What the scripts share: one-line errors and flag types, device, embeddings, data, images, training, checkpoints."""
+import argparse, contextlib, math, os, signal, sys, time  # noqa: E401
 
 import numpy as np
 import torch
@@ -14,7 +7,7 @@ import torchvision
 from PIL import Image, ImageDraw
 
 
-# ----------------------------------------------------------------------------- flags, errors, device
+# ----------------------------------------------------------------------------- errors, flags, device
 class UsageError(Exception):
     """Bad input (exit code 2) or a fault while running (code 1): one line on stderr, no traceback (see cli)."""
     def __init__(self, msg, code=2):
@@ -25,19 +18,17 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # a bad flag is one line, not the usage text
         raise UsageError(message)
 
-def ranged(kind, lo, hi=math.inf, open_lo=False):
-    """argparse type: a `kind` number >= lo (> lo with open_lo) and < hi."""
+def ranged(kind, lo, hi=math.inf, strict=False):
+    """argparse type: a `kind` number >= lo (> lo if strict) and < hi; NaN is refused."""
     def parse(s):
-        if not ((lo < kind(s)) if open_lo else (lo <= kind(s))) or not kind(s) < hi:
-            bound = f"{'>' if open_lo else '>='} {lo}" + (f" and < {hi}" if hi < math.inf else "")
+        if not (lo < kind(s) if strict else lo <= kind(s)) or not kind(s) < hi:
+            bound = f"{'>' if strict else '>='} {lo}" + f" and < {hi}" * (hi < math.inf)
             raise argparse.ArgumentTypeError(f"must be {bound} (got {s})")
         return kind(s)
     return parse
 
-count, size, nonneg, fraction, seed = ranged(int, 0), ranged(int, 1), ranged(float, 0), ranged(float, 0, 1), \
-    ranged(int, 0, 2 ** 32)
-positive = ranged(float, 0, open_lo=True)
-LOCKS = []  # the .lock files of this process's runs (claim_out_dir), removed when main returns
+count, size, nonneg, positive = ranged(int, 0), ranged(int, 1), ranged(float, 0), ranged(float, 0, strict=True)
+fraction, seed = ranged(float, 0, 1), ranged(int, 0, 2 ** 32)
 
 def cli(main, argv=None):
     """main(argv) -> exit code: a UsageError is one line and its code, Ctrl-C outside the training loop 130."""
@@ -46,23 +37,18 @@ def cli(main, argv=None):
     except (UsageError, KeyboardInterrupt) as e:
         print(f"error: {e if isinstance(e, UsageError) else 'interrupted'}", file=sys.stderr)
         return getattr(e, "code", 130)
-    finally:
-        while LOCKS:
-            with contextlib.suppress(OSError):
-                os.remove(LOCKS.pop())
 
 def pick_device(name):
     """-> (rank, world size, device), 'auto' being cuda, then mps, then cpu; under torchrun join the process group."""
     n = {"cuda": torch.cuda.device_count(), "mps": int(torch.backends.mps.is_available()), "cpu": 1}
-    m = re.fullmatch(r"(cpu|cuda|mps)(?::(\d+))?", next(k for k in n if n[k]) if name == "auto" else name)
-    if not m or int(m[2] or 0) >= n[m[1]]:
+    kind, colon, i = (next(k for k in n if n[k]) if name == "auto" else name).partition(":")
+    if colon and not i.isdigit() or int(i or 0) >= n.get(kind, 0):
         raise UsageError(f"--device {name}: no such device on this machine (use auto, cpu, cuda, cuda:N or mps)")
-    world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(m[0])
-    if world > 1 and dev.type == "cuda":  # one GPU a process
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(dev)
+    world, dev = int(os.environ.get("WORLD_SIZE", 1)), torch.device(kind)
+    if kind == "cuda":  # under torchrun one GPU a process
+        torch.cuda.set_device(dev := torch.device("cuda", int(os.environ["LOCAL_RANK"] if world > 1 else i or 0)))
     if world > 1:  # NCCL between GPUs, gloo between CPU processes
-        torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        torch.distributed.init_process_group("nccl" if kind == "cuda" else "gloo")
     return int(os.environ.get("RANK", 0)), world, dev
 
 def any_rank(flag, world, dev):
@@ -84,8 +70,8 @@ def pos_embed_2d(dim, grid):
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     return torch.cat([timestep_embedding(rows.flatten(), dim // 2), timestep_embedding(cols.flatten(), dim // 2)], 1)
 
-def load_dataset(name, data_dir, classes=10, batch=1, train=True):
-    """A whole split as uint8 images (N, C, H, W) and int64 labels (N,) in 0..classes-1 (at least `batch` images)."""
+def load_dataset(name, data_dir, batch=1, train=True):
+    """A whole split as uint8 images (N, C, H, W) and int64 labels (N,), at least `batch` images."""
     cls = getattr(torchvision.datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
     folder = os.path.join(data_dir, f"{cls.__name__}/raw" if name != "cifar10" else cls.base_folder)
     found = os.path.isdir(folder) and os.listdir(folder)
@@ -94,20 +80,14 @@ def load_dataset(name, data_dir, classes=10, batch=1, train=True):
     except Exception as e:
         raise UsageError(f"{name} {'is corrupt or incomplete in' if found else 'not found in'} {folder} "
                          f"({str(e)[:50]}): place torchvision's files there, or empty it and connect to the network")
-    x, y = torch.as_tensor(np.asarray(ds.data)), torch.as_tensor(ds.targets).long()
-    if not 0 <= y.min() <= y.max() < classes or len(y) < batch:
-        raise UsageError(f"{folder} has {len(y)} images with labels {y.min()}..{y.max()}; this run needs labels in "
-                         f"0..{classes - 1} and at least {batch} images (--batch-size x processes)")
-    return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(), y
-
-def finite(x):
-    if not torch.isfinite(x).all():
-        raise UsageError("sampling produced NaN/inf (a diverged checkpoint or too large a CFG scale); stopped", 1)
-    return x
+    if len(ds) < batch:
+        raise UsageError(f"{folder} has {len(ds)} images; this run needs at least {batch} images (--batch-size x processes)")
+    x = torch.as_tensor(np.asarray(ds.data))
+    return (x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)).contiguous(), torch.as_tensor(ds.targets).long()
 
 def to_image(x, nrow, scale=2):
     """(N, C, H, W) in [0, 1] -> PIL grid, `nrow` a row, 2 px white lines, each pixel scale x scale."""
-    g = torchvision.utils.make_grid(finite(x).detach().float().cpu().clamp(0, 1), nrow=nrow, pad_value=1)[:x.shape[1]]
+    g = torchvision.utils.make_grid(x.detach().float().cpu().clamp(0, 1), nrow=nrow, pad_value=1)[:x.shape[1]]
     img = Image.fromarray((g.permute(1, 2, 0).squeeze(-1) * 255 + 0.5).byte().numpy())
     return img.resize((img.width * scale, img.height * scale), Image.NEAREST)
 
@@ -134,19 +114,19 @@ def progress(what, total):
 
 def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
     """samples.npz, written atomically: x in [0, 1] (N, C, H, W), balanced labels y and the CFG scale (classes > 0)."""
-    y, gen = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1)
-    xs, tick = [], progress("samples", num)
+    y, gen, xs, tick = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1), [], \
+        progress("samples", num)
     for b in y.split(min(500, -(-num // 10))):  # a tenth a batch (at most 500 images), then a progress line
         xs.append(draw(b.to(dev), scale, gen)[0])
         tick(sum(map(len, xs)))
-    x = finite(torch.cat(xs))
+    x = torch.cat(xs)
     z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy(), "cfg_scale": scale} if classes else {}), **meta)
     atomic_write(f"{out}/samples.npz", lambda f: np.savez_compressed(f, **z))
     print(f"wrote {out}/samples.npz: {num} samples, " + ", ".join(f"{k} {v}" for k, v in meta.items()))
     return x, y
 
 def save_loss(log, out, title, w=640, h=400, m=40):
-    """loss.csv (step, mean loss since the row before) and loss.png (log10 loss against step)."""
+    """loss.csv (step, mean loss since the row before) and loss.png (log10 loss against step, in a box)."""
     with open(f"{out}/loss.csv", "w") as f:
         f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
     pts, img = [(s, math.log10(v)) for s, v in log if 0 < v < math.inf] or [(0, 0)], Image.new("RGB", (w, h), "white")
@@ -187,9 +167,10 @@ def train_step(a, net, opt, obj, x, y, lr):
 @contextlib.contextmanager
 def stop_signals():
     """Inside: Ctrl-C and SIGTERM only set a flag (the loop saves and stops at a step); the old handlers after."""
-    stop = []
-    old = {s: signal.signal(s, lambda *_: stop.append(1)) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop, old = [], {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        for s in old:
+            signal.signal(s, lambda *_: stop.append(1))
         yield stop
     finally:
         for s, h in old.items():
@@ -207,16 +188,16 @@ def atomic_write(path, write):
     except (OSError, RuntimeError) as e:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
-        raise UsageError(f"could not write {path} ({e})" + ("; the previous one is kept" * os.path.exists(path)), 1)
+        raise UsageError(f"could not write {path} ({e})" + "; the previous one is kept" * os.path.exists(path), 1)
 
 def save_checkpoint(ckpt, path):
     """A plain dict of tensors and plain values, written atomically; weights that are not finite are never written."""
     if not all(v.isfinite().all() for k in ("model", "ema") for v in ckpt[k].values() if v.is_floating_point()):
         raise UsageError(f"weights are NaN/inf at step {ckpt['step']} (try a lower --lr); nothing saved"
-                         + (f", {path} keeps the last good state" if os.path.exists(path) else ""), 1)
+                         + f", {path} keeps the last good state" * os.path.exists(path), 1)
     atomic_write(path, lambda f: torch.save(ckpt, f))
 
-def load_checkpoint(path, script, keys=("model", "ema", "opt", "step", "args", "rng", "world")):
+def load_checkpoint(path, script, keys=("model", "ema", "opt", "step", "args", "rng")):
     """torch.load(weights_only=True): tensors and plain values only, no code runs; any problem is one UsageError."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -224,16 +205,14 @@ def load_checkpoint(path, script, keys=("model", "ema", "opt", "step", "args", "
         raise UsageError(f"checkpoint {path} " + ("does not exist" if not os.path.isfile(path) else "holds objects "
                          "other than tensors and plain values: refused" if "GLOBAL" in str(e) or "class" in str(e)
                          else f"is truncated or corrupt ({str(e)[:60]})"))
-    got = ckpt.get("script") if isinstance(ckpt, dict) else None
-    if got != script or any(k not in ckpt for k in keys):
+    got, lacks = ckpt.get("script") if isinstance(ckpt, dict) else None, [k for k in keys if k not in ckpt]
+    if got != script or lacks:
         raise UsageError(f"checkpoint {path} " + (f"was written by {got or 'another program'}, not {script}.py"
-                         if got != script else f"lacks {', '.join(k for k in keys if k not in ckpt)}"))
+                                                  if got != script else f"lacks {', '.join(lacks)}"))
     return ckpt
 
-def load_state(ckpt, path, model, ema, opt=None, world=1):
+def load_state(ckpt, path, model, ema, opt=None):
     """Weights from a checkpoint and, given the optimiser (a resume), its state and the RNG; a mismatch: one line."""
-    if opt and ckpt["world"] != world:  # every rank's data and noise depend on the number of processes
-        raise UsageError(f"checkpoint {path} was trained by {ckpt['world']} process(es); resume it with as many")
     try:
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -244,43 +223,28 @@ def load_state(ckpt, path, model, ema, opt=None, world=1):
                 torch.cuda.set_rng_state_all(ckpt["rng"][1:])
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise UsageError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:100]})")
-FREE = {"epochs", "max_steps", "log_every", "sampler", "sample_steps", "eta", "cfg_scales", "num_samples", "device",
-        "amp", "compile", "data_dir", "out_dir", "resume", "ckpt", "sample_only"}  # the rest: the recipe
 
 def parse_args(parser, argv, quick, script):
     """-> (args, checkpoint or None). --quick swaps in the small recipe's defaults; --resume / --ckpt PATH brings every
-    flag of that run (out-dir: the checkpoint's folder), and a flag named beside it outside FREE must agree."""
-    p, q = parser(), parser()
+    flag of that run (--out-dir: the checkpoint's folder), and a flag named beside it wins."""
+    p = parser()
     p.set_defaults(**quick if p.parse_args(argv).quick else {})
     a = p.parse_args(argv)
-    for act in q._actions:  # re-parsed with no defaults: only the flags the command names
-        act.default = argparse.SUPPRESS
-    given, path = vars(q.parse_args(argv)), a.resume or a.ckpt
-    ckpt = load_checkpoint(path, script) if path else None
-    for k, v in given.items() if ckpt else []:
-        if k not in FREE and ckpt["args"].get(k) != v:
-            raise UsageError(f"checkpoint {path} has --{k.replace('_', '-')} {ckpt['args'].get(k)}, but this command "
-                             f"asks for {v}")
-    mine = {k: getattr(a, k) for k in ("resume", "ckpt", "sample_only")}
-    return (argparse.Namespace(**{**vars(a), **ckpt["args"], **mine, "out_dir": os.path.dirname(path) or ".", **given})
-            if ckpt else a), ckpt
+    if not (path := a.resume or a.ckpt):
+        return a, None
+    ckpt = load_checkpoint(path, script)
+    p.set_defaults(**{**ckpt["args"], "out_dir": os.path.dirname(path) or ".", "resume": "", "ckpt": "",
+                      "sample_only": False})
+    return p.parse_args(argv), ckpt
 
 def claim_out_dir(out, fresh):
-    """Own --out-dir while the run lives: a lock file with our pid (also the write probe); refusals are one line."""
-    lock = os.path.join(out, ".lock")
+    """Make --out-dir; refuse it if it is not a writable folder or, for a fresh run, holds another run."""
     try:
         os.makedirs(out, exist_ok=True)
-        pid = int(open(lock).read() or 0) if os.path.exists(lock) else 0
-        with contextlib.suppress(ProcessLookupError):  # no such process: the lock of a killed run
-            if pid not in (0, os.getpid()) and not os.kill(pid, 0):
-                raise UsageError(f"--out-dir {out} is in use by a live run (pid {pid}); choose another --out-dir")
-        with open(lock, "w") as f:
-            f.write(str(os.getpid()))
-    except (OSError, ValueError) as e:
+    except OSError as e:
         raise UsageError(f"--out-dir {out} is not a writable folder ({e})")
-    LOCKS.append(lock)  # removed by cli when main returns
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out-dir {out} is not a writable folder")
     if fresh and os.path.exists(f"{out}/ckpt.pt"):
         raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, or remove it "
                          f"or choose another --out-dir to start over")
-    for f in [f for f in os.listdir(out) if ".tmp" in f]:  # temp files of a run that was killed
-        os.remove(f"{out}/{f}")

@@ -322,11 +322,11 @@ def main(argv=None):
     torch.manual_seed(a.seed)  # the same initial weights on every rank
     model, ema, opt, obj = build(a, dev)
     if ckpt:  # weights; for --resume also the optimiser and the RNG
-        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None, world)
+        load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
     data = None if a.sample_only else make_patterns(a.seed) if a.dataset == "patterns" else \
-        load_dataset(a.dataset, a.data_dir, DATA[a.dataset][2], a.batch_size * world)
+        load_dataset(a.dataset, a.data_dir, a.batch_size * world)
     if rank == 0:
         claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
     halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)

@@ -152,10 +152,10 @@ def test_bad_flags_exit_2(name, extra, words, fake_mnist, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- faults, each over the three scripts
-def write_idx_with(folder, labels=None, truncate=False):
+def write_idx_with(folder, truncate=False):
     from conftest import fake_images, write_idx
     x, y = fake_images(64)
-    write_idx(folder, "train", x, y if labels is None else labels)
+    write_idx(folder, "train", x, y)
     write_idx(folder, "t10k", x, y)
     if truncate:
         with open(os.path.join(folder, "train-images-idx3-ubyte"), "r+b") as f:
@@ -163,8 +163,7 @@ def write_idx_with(folder, labels=None, truncate=False):
 
 
 @SCRIPTS
-@pytest.mark.parametrize("kind, words", [("offline", "not found in"), ("corrupt", "is corrupt or incomplete"),
-                                         ("label 10", "labels 0..10; this run needs labels in 0..9")])
+@pytest.mark.parametrize("kind, words", [("offline", "not found in"), ("corrupt", "is corrupt or incomplete")])
 def test_bad_data_exit_2(name, kind, words, tmp_path, capsys, monkeypatch):
     import urllib.request
 
@@ -172,8 +171,7 @@ def test_bad_data_exit_2(name, kind, words, tmp_path, capsys, monkeypatch):
         raise OSError("network is unreachable")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     if kind != "offline":
-        write_idx_with(tmp_path / "d" / "MNIST" / "raw", (np.arange(64) % 11).astype(np.uint8) if kind == "label 10"
-                       else None, truncate=kind == "corrupt")
+        write_idx_with(tmp_path / "d" / "MNIST" / "raw", truncate=kind == "corrupt")
     assert run_main(MODS[name], tiny(name, str(tmp_path / "d"), tmp_path / "o")) == 2
     one_line_error(capsys, words, "MNIST/raw")
     assert not (tmp_path / "o").exists()
@@ -210,14 +208,17 @@ def test_bad_checkpoint_exit_2(name, kind, trained, tmp_path, capsys):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "o").exists()
 
 
+SIZE = {"dit_ddpm": "--hidden-size", "dit_flow": "--hidden-size", "ddpm_unet": "--base-channels"}
+
+
 @SCRIPTS
-def test_resume_refuses_another_recipe_or_world_size(name, trained, tmp_path, capsys):
-    default = str(MODS[name].get_parser().get_default("batch_size"))  # named, it contradicts even as the default
-    assert run_main(MODS[name], ["--resume", trained[name], "--batch-size", default]) == 2
-    one_line_error(capsys, f"has --batch-size 16, but this command asks for {default}")
-    torch.save({**load(trained[name]), "world": 2}, tmp_path / "ddp.pt")
-    assert run_main(MODS[name], ["--resume", str(tmp_path / "ddp.pt")]) == 2
-    one_line_error(capsys, "trained by 2 process(es)")
+def test_flags_beside_resume_win_and_other_weights_are_one_line(name, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run_main(MODS[name], ["--resume", trained[name], "--out-dir", str(out), "--lr", "1e-5", "--max-steps", "3"]) == 0
+    ck = load(out / "ckpt.pt")
+    assert ck["step"] == 3 and ck["args"]["lr"] == 1e-5 and ck["args"]["batch_size"] == 16  # the rest: the run's
+    assert run_main(MODS[name], ["--sample-only", "--ckpt", trained[name], SIZE[name], "64"]) == 2
+    one_line_error(capsys, "does not fit this model")
 
 
 def full_disk_on_call(n, real):
@@ -277,18 +278,6 @@ def test_nan_weights_are_never_saved(name, fake_mnist, tmp_path, monkeypatch, ca
     assert not (tmp_path / "run" / "ckpt.pt").exists()
 
 
-@SCRIPTS
-def test_nan_samples_are_an_error(name, trained, tmp_path, capsys):
-    ck = load(trained[name])
-    torch.save({**ck, "ema": {k: v * float("nan") if v.is_floating_point() else v for k, v in ck["ema"].items()}},
-               tmp_path / "nan.pt")
-    out = tmp_path / "o"
-    assert run_main(MODS[name], ["--sample-only", "--ckpt", str(tmp_path / "nan.pt"), "--out-dir", str(out),
-                                 "--num-samples", "4"]) == 1
-    one_line_error(capsys, "sampling produced NaN/inf")
-    assert not (out / "samples.npz").exists() and not [f for f in os.listdir(out) if f.endswith(".png")]
-
-
 # ----------------------------------------------------------------------------- signals and kills (subprocesses)
 @SCRIPTS
 def test_sigterm_then_the_printed_command_resumes_the_same_run(name, fake_mnist, tmp_path):
@@ -315,7 +304,7 @@ def test_ctrl_c_while_sampling_stops_with_130(name, mode, trained, fake_mnist, t
         tiny(name, fake_mnist, out, "--max-steps", "2")
     p = start(name, argv + ["--num-samples", "50000"])
     if mode == "sample-only":
-        while not (out / ".lock").exists() and p.poll() is None:
+        while not out.exists() and p.poll() is None:
             time.sleep(0.1)
     else:
         wait_for(p, "epoch 1/")
@@ -323,22 +312,6 @@ def test_ctrl_c_while_sampling_stops_with_130(name, mode, trained, fake_mnist, t
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err == "error: interrupted\n", err
-
-
-@SCRIPTS
-def test_a_live_run_owns_its_folder(name, fake_mnist, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = tiny(name, fake_mnist, out, "--epochs", "500")
-    p = start(name, argv)
-    wait_for(p, "epoch 2/500 step 17/")  # ckpt.pt is written at step 16
-    planted = out / f"samples.npz.tmp{p.pid}"  # a temp file of the live run
-    planted.write_text("in flight")
-    for second in (argv, ["--resume", str(out / "ckpt.pt")]):
-        assert run_main(MODS[name], second) == 2
-        one_line_error(capsys, f"in use by a live run (pid {p.pid})")
-    assert planted.exists()
-    p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=60) == 0
 
 
 KILL_MID_SAVE = """
@@ -364,8 +337,8 @@ def test_kill_mid_save_keeps_the_previous_checkpoint(name, fake_mnist, tmp_path)
                        cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == -9, r.stderr[-2000:]
     assert load(out / "ckpt.pt")["step"] == 16 and [f for f in os.listdir(out) if ".tmp" in f]
-    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt"), "--max-steps", "18"]) == 0  # the lock was stale
-    assert not [f for f in os.listdir(out) if ".tmp" in f] and load(out / "ckpt.pt")["step"] == 18
+    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt"), "--max-steps", "18"]) == 0
+    assert load(out / "ckpt.pt")["step"] == 18
 
 
 def test_torchrun_two_processes(fake_mnist, tmp_path):
