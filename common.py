@@ -114,8 +114,8 @@ def progress(what, total):
 
 def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
     """samples.npz, written atomically: x in [0, 1] (N, C, H, W), balanced labels y and the CFG scale (classes > 0)."""
-    y, gen, xs, tick = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1), [], \
-        progress("samples", num)
+    y, gen, xs, tick = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1), [], progress(
+        "samples", num)
     for b in y.split(min(500, -(-num // 10))):  # a tenth a batch (at most 500 images), then a progress line
         xs.append(draw(b.to(dev), scale, gen)[0])
         tick(sum(map(len, xs)))
@@ -131,8 +131,7 @@ def save_loss(log, out, title, w=640, h=400, m=40):
         f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
     pts, img = [(s, math.log10(v)) for s, v in log if 0 < v < math.inf] or [(0, 0)], Image.new("RGB", (w, h), "white")
     (s0, s1), (lo, hi) = [(min(p), max(p) + 1e-9) for p in zip(*pts)]  # step range, log10 loss range
-    draw = ImageDraw.Draw(img)
-    draw.rectangle([m, m, w - m, h - m], outline="gray")
+    (draw := ImageDraw.Draw(img)).rectangle([m, m, w - m, h - m], outline="gray")
     draw.line([(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts],
               fill=(31, 119, 180), width=2)
     draw.text((m, 10), f"{title}: {10 ** hi:.3g} (top) .. {10 ** lo:.3g} (bottom), log scale; steps {s0}..{s1:.0f}",
@@ -239,11 +238,9 @@ def parse_args(parser, argv, quick, script):
 
 def claim_out_dir(out, fresh):
     """Make --out-dir; refuse it if it is not a writable folder or, for a fresh run, holds another run."""
-    try:
+    with contextlib.suppress(OSError):
         os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out-dir {out} is not a writable folder ({e})")
-    if not os.access(out, os.W_OK):
+    if not os.access(out, os.W_OK) or not os.path.isdir(out):
         raise UsageError(f"--out-dir {out} is not a writable folder")
     if fresh and os.path.exists(f"{out}/ckpt.pt"):
         raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {out}/ckpt.pt, or remove it "

@@ -1,5 +1,5 @@
 """The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) on MNIST, Fashion-MNIST or
-CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and sampled by dit_ddpm.py's Diffusion.
+CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and sampled by the Diffusion of dit_ddpm.py.
 
     python ddpm_unet.py --quick --device cpu                 # the small CPU recipe (QUICK below)
     python ddpm_unet.py --dataset cifar10 --base-channels 128 --channel-mults 1 2 2 2 --attn-res 16 --cond \\
@@ -7,14 +7,9 @@ CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and samp
     python ddpm_unet.py --resume runs/ddpm_unet/ckpt.pt      # continue a stopped run with all its flags
 
 Writes to --out-dir: per epoch a 10x10 grid (grid_eNNN.png; --cond: one per CFG scale, row = class), a GIF of the
-reverse process, ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz for evaluate.py. The input is
-zero-padded to a multiple of 2^(levels-1) and halved once a level: MNIST with 3 levels runs at 28, 14, 7.
+reverse process, ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz for evaluate.py.
 """
-import argparse
-import copy
-import math
-import shlex
-import time
+import argparse, copy, math, shlex, time  # noqa: E401
 
 import torch
 import torch.nn as nn
@@ -83,14 +78,11 @@ def check(a):  # the cross-flag checks argparse cannot make
 # ----------------------------------------------------------------------------- model
 def resolutions(size, levels):
     """The UNet's resolution plan: the input zero-padded to a multiple of 2^(levels-1), halved once a level."""
-    size = -(-size // 2 ** (levels - 1)) * 2 ** (levels - 1)
-    return [size // 2 ** i for i in range(levels)]
-
+    return [-(-size // 2 ** (levels - 1)) * 2 ** (levels - 1) // 2 ** i for i in range(levels)]  # MNIST: 28, 14, 7
 
 def norm(ch):
     """GroupNorm: 32 groups as in DDPM once there are 4+ channels per group, fewer for narrow nets."""
     return nn.GroupNorm(math.gcd(32, ch // 4), ch)
-
 
 def zero_(conv):
     nn.init.zeros_(conv.weight)
@@ -99,12 +91,10 @@ def zero_(conv):
 
 
 class SelfAttention(nn.Module):
-    """Single-head self-attention over the H*W positions of a feature map (as in DDPM), residual."""
-
+    """Single-head self-attention over the H*W positions of a feature map (as in DDPM), residual; proj starts at 0."""
     def __init__(self, ch):
         super().__init__()
-        self.norm, self.qkv = norm(ch), nn.Conv2d(ch, 3 * ch, 1)
-        self.proj = zero_(nn.Conv2d(ch, ch, 1))  # zero: the attention layer starts as the identity
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), zero_(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x):  # (N, C, H, W)
         N, C, H, W = x.shape
@@ -115,11 +105,9 @@ class SelfAttention(nn.Module):
 
 class ResBlock(nn.Module):
     """norm-SiLU-conv, + embedding of (t, y), norm-SiLU-dropout-conv, + skip; then optional self-attention."""
-
     def __init__(self, cin, cout, emb_dim, dropout, attn=False):
         super().__init__()
-        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, cout)
+        self.norm1, self.conv1, self.emb = norm(cin), nn.Conv2d(cin, cout, 3, padding=1), nn.Linear(emb_dim, cout)
         self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
         # zero last conv: the residual branch adds 0, so each block starts as its skip path (the identity when
         # cin == cout) and the deep net starts shallow; gradients still reach conv2, which opens the branch
@@ -128,22 +116,18 @@ class ResBlock(nn.Module):
         self.attn = SelfAttention(cout) if attn else nn.Identity()
 
     def forward(self, x, emb):  # x (N, Cin, H, W), emb (N, E)
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(F.silu(emb))[:, :, None, None]  # per-channel shift from the timestep (and class)
+        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # + a shift per channel
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)
 
 
 class UNet(nn.Module):
     """DDPM's UNet: down path saving every activation, middle (res, attn, res), up path eating them as skips."""
-
     def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(), dropout=0.1,
                  num_classes=0):
         super().__init__()
-        self.img_size, self.channels, self.base = img_size, channels, base
-        self.size = resolutions(img_size, len(mults))[0]  # padded
-        self.num_classes, self.cond = num_classes, num_classes > 0  # label `num_classes` is the null class of CFG
-        E = 4 * base
+        self.img_size, self.channels, self.base, self.size = img_size, channels, base, resolutions(img_size, len(mults))[0]
+        self.num_classes, self.cond, E = num_classes, num_classes > 0, 4 * base  # label `num_classes`: CFG's null
         self.t_mlp = nn.Sequential(nn.Linear(base, E), nn.SiLU(), nn.Linear(E, E))
         self.y_embed = nn.Embedding(num_classes + 1, E) if self.cond else None
         self.conv_in = nn.Conv2d(channels, base, 3, padding=1)
@@ -151,8 +135,7 @@ class UNet(nn.Module):
         for i, m in enumerate(mults):
             for _ in range(num_res):
                 self.down.append(ResBlock(ch, base * m, E, dropout, res in attn_res))
-                ch = base * m
-                chans.append(ch)
+                chans.append(ch := base * m)
             if i < len(mults) - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # (N, C, H/2, W/2)
                 chans.append(ch)
@@ -190,7 +173,6 @@ class UNet(nn.Module):
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
     """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
-
     def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
                  num_classes=10, device="cpu"):
         self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
@@ -215,10 +197,9 @@ class Diffusion:
 
     def weight(self, a):
         """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        if not self.snr_gamma:
-            return torch.ones_like(a)
         snr = a / (1 - a)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
-        return snr.clamp(max=self.snr_gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(a)
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
@@ -250,9 +231,8 @@ class Diffusion:
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
                 h = 0.5 * (torch.log(a_s / (1 - a_s)) - torch.log(a / (1 - a)))  # λ_s - λ_t, +∞ at the clean image
-                D = x0
+                D, r = x0, h_prev / h if x0_prev is not None else 1.0  # D = x0_i: 1st order (first step, into t <= 0)
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
-                    r = h_prev / h
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
                 x = ((1 - a_s) / (1 - a)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
                 x0_prev, h_prev = x0, h
@@ -282,14 +262,14 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total, say = a.max_steps or a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None  # LR spans it
-    stop_at, halt, t0 = total, False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
+    acc, s0, t0, halt = torch.tensor(acc).to(dev), step, time.time(), False
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-        f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
+        f"process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
-        while step < stop_at and not halt:
+        while step < total and not halt:
             epoch, i0 = divmod(step, per_epoch)
             perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
             for i in range(i0, per_epoch):
@@ -300,24 +280,23 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
                 ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
-                if step % a.log_every == 0 or step == stop_at:
+                if step % a.log_every == 0 or step == total:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                        f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True)
+                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                        f"eta {(total - step) * B * world / ips / 60:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
-                if step == stop_at or halt:
+                if step == total or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
                 rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log,
-                                     loss_acc=(acc.item(), n), **state), path)
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log, loss_acc=(
+                    acc.item(), n), model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
+                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
     if halt:

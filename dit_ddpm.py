@@ -9,11 +9,7 @@ with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M
 Writes to --out-dir: per epoch one grid per CFG scale (grid_eNNN_cfgS.png, row = class) and a GIF of the reverse
 process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N also samples.npz for evaluate.py.
 """
-import argparse
-import copy
-import math
-import shlex
-import time
+import argparse, copy, math, shlex, time  # noqa: E401
 
 import torch
 import torch.nn as nn
@@ -81,7 +77,6 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are shifted, scaled and gated by the condition (adaLN-Zero)."""
-
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -100,7 +95,6 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     """Patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify."""
-
     def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
                  freq_dim=256):
         super().__init__()
@@ -145,7 +139,6 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
     """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
-
     def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
                  num_classes=10, device="cpu"):
         self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
@@ -170,10 +163,9 @@ class Diffusion:
 
     def weight(self, a):
         """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        if not self.snr_gamma:
-            return torch.ones_like(a)
         snr = a / (1 - a)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
-        return snr.clamp(max=self.snr_gamma) / {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
+        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(a)
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
@@ -203,9 +195,8 @@ class Diffusion:
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
                 h = 0.5 * (torch.log(a_s / (1 - a_s)) - torch.log(a / (1 - a)))  # λ_s - λ_t, +∞ at the clean image
-                D = x0
+                D, r = x0, h_prev / h if x0_prev is not None else 1.0  # D = x0_i: 1st order (first step, into t <= 0)
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
-                    r = h_prev / h
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
                 x = ((1 - a_s) / (1 - a)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
                 x0_prev, h_prev = x0, h
@@ -235,14 +226,14 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total, say = a.max_steps or a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None  # LR spans it
-    stop_at, halt, t0 = total, False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
+    acc, s0, t0, halt = torch.tensor(acc).to(dev), step, time.time(), False
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-        f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
+        f"process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
-        while step < stop_at and not halt:
+        while step < total and not halt:
             epoch, i0 = divmod(step, per_epoch)
             perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
             for i in range(i0, per_epoch):
@@ -251,24 +242,23 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
                 ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
-                if step % a.log_every == 0 or step == stop_at:
+                if step % a.log_every == 0 or step == total:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                        f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True)
+                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                        f"eta {(total - step) * B * world / ips / 60:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
-                if step == stop_at or halt:
+                if step == total or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
                 rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log,
-                                     loss_acc=(acc.item(), n), **state), path)
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log, loss_acc=(
+                    acc.item(), n), model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
+                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
     if halt:

@@ -11,11 +11,7 @@ Writes to --out-dir: per epoch a grid per CFG scale (grid_eNNN_cfgS.png, row = c
 ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz. On patterns also compare_TAG.png (row 1 real, row 2
 generated, 4 channels side by side) and metrics.csv (class match to the nearest template, RMS to the requested one).
 """
-import argparse
-import copy
-import math
-import shlex
-import time
+import argparse, copy, math, shlex, time  # noqa: E401
 
 import torch
 import torch.nn as nn
@@ -120,7 +116,6 @@ def modulate(x, shift, scale):
 
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are shifted, scaled and gated by the condition (adaLN-Zero)."""
-
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -139,7 +134,6 @@ class DiTBlock(nn.Module):
 
 class DiT(nn.Module):
     """Patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify."""
-
     def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
                  freq_dim=256):
         super().__init__()
@@ -186,7 +180,6 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------- flow matching
 class Flow:
     """Flow matching on the straight path from noise x0 (t = 0) to data x1 (t = 1); Euler / Heun sampling with CFG."""
-
     def __init__(self, t_sampling="uniform", prediction="v", label_dropout=0.1, num_classes=10):
         self.t_sampling, self.prediction, self.label_dropout, self.null = t_sampling, prediction, label_dropout, num_classes
 
@@ -262,14 +255,14 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
     total, say = a.max_steps or a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None  # LR spans it
-    stop_at, halt, t0 = total, False, time.time()
     step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    net, acc, s0 = nn.parallel.DistributedDataParallel(model) if world > 1 else model, torch.tensor(acc).to(dev), step
+    acc, s0, t0, halt = torch.tensor(acc).to(dev), step, time.time(), False
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
     say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-        f"process(es) x batch {B}, steps {step}..{stop_at} of {total}, {dev}, amp {a.amp}")
+        f"process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
-        while step < stop_at and not halt:
+        while step < total and not halt:
             epoch, i0 = divmod(step, per_epoch)
             perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
             for i in range(i0, per_epoch):
@@ -278,24 +271,23 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
                 ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
-                if step % a.log_every == 0 or step == stop_at:
+                if step % a.log_every == 0 or step == total:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{stop_at} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                        f"eta {(stop_at - step) * B * world / ips / 60:.1f} min", flush=True)
+                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} img/s {ips:.0f} "
+                        f"eta {(total - step) * B * world / ips / 60:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
-                if step == stop_at or halt:
+                if step == total or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
                 rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log,
-                                     loss_acc=(acc.item(), n), **state), path)
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log, loss_acc=(
+                    acc.item(), n), model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == stop_at:  # an epoch's end, or the run's
+                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
     if halt:
