@@ -155,24 +155,24 @@ class Diffusion:
         y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
         t = torch.randint(0, self.T, (len(y),), device=y.device)
         eps = torch.randn_like(x0)
-        a = self.abar[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
-        target = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
+        ab = self.abar[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
+        target = {"eps": eps, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
         mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
-        return (self.weight(a.flatten()) * mse).mean()
+        return (self.weight(ab.flatten()) * mse).mean()
 
-    def weight(self, a):
+    def weight(self, ab):
         """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        snr = a / (1 - a)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
+        snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
         units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
-        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(a)
+        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(ab)
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
-        a = self.abar[t]
-        x0 = {"eps": lambda: (x - (1 - a).sqrt() * out) / a.sqrt(), "v": lambda: a.sqrt() * x - (1 - a).sqrt() * out,
+        ab = self.abar[t]
+        x0 = {"eps": lambda: (x - (1 - ab).sqrt() * out) / ab.sqrt(), "v": lambda: ab.sqrt() * x - (1 - ab).sqrt() * out,
               "x0": lambda: out}[self.prediction]().clamp(-1, 1)
-        return x0, (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def guided(self, model, x, t, y, scale, amp=False):
         """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
@@ -191,19 +191,19 @@ class Diffusion:
         ts = torch.linspace(self.T - 1, 0, n).round().long().tolist() + [-1]  # the n steps, then the clean image
         snaps, every, x0_prev = [x], max(1, n // frames) if frames else 0, None
         for i, (t, s) in enumerate(zip(ts, ts[1:])):  # from step t to the next one, s
-            a, a_s = self.abar[t], self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
+            ab, ab_s = self.abar[t], self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
-                h = 0.5 * (torch.log(a_s / (1 - a_s)) - torch.log(a / (1 - a)))  # λ_s - λ_t, +∞ at the clean image
+                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ at the clean image
                 D, r = x0, h_prev / h if x0_prev is not None else 1.0  # D = x0_i: 1st order (first step, into t <= 0)
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-                x = ((1 - a_s) / (1 - a)).sqrt() * x - a_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
+                x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
                 x0_prev, h_prev = x0, h
             else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
-                sigma = eta * ((1 - a_s) / (1 - a) * (1 - a / a_s)).sqrt()
+                sigma = eta * ((1 - ab_s) / (1 - ab) * (1 - ab / ab_s)).sqrt()
                 noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
-                x = a_s.sqrt() * x0 + (1 - a_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+                x = ab_s.sqrt() * x0 + (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
             if frames and ((i + 1) % every == 0 or s < 0):
                 snaps.append(x)
         return x.clamp(-1, 1), snaps
