@@ -114,8 +114,8 @@ def progress(what, total):
 
 def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
     """samples.npz, written atomically: x in [0, 1] (N, C, H, W), balanced labels y and the CFG scale (classes > 0)."""
-    y, gen, xs, tick = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1), [], progress(
-        "samples", num)
+    y, gen = torch.arange(num) % max(1, classes), torch.Generator(dev).manual_seed(seed + 1)
+    xs, tick = [], progress("samples", num)
     for b in y.split(min(500, -(-num // 10))):  # a tenth a batch (at most 500 images), then a progress line
         xs.append(draw(b.to(dev), scale, gen)[0])
         tick(sum(map(len, xs)))
