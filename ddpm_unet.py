@@ -56,7 +56,7 @@ def get_parser():
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
     p.add_argument("--sample-steps", type=size, default=20, help="model evaluations for ddim and dpm++")
     p.add_argument("--eta", type=nonneg, default=1.0, help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
