@@ -51,6 +51,12 @@ def pick_device(name):
         torch.distributed.init_process_group("nccl" if kind == "cuda" else "gloo")
     return int(os.environ.get("RANK", 0)), world, dev
 
+def leave_group(world):
+    """Under torchrun: wait for every rank, then leave the process group together (rank 0 may sample after)."""
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
 def any_rank(flag, world, dev):
     """True on every process when true on any (under DDP call it on every rank at the same step)."""
     t = torch.tensor(float(bool(flag)), device=dev)

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
-                    load_state, lr_at, nonneg, parse_args, pick_device, positive, save_checkpoint, save_loss,
-                    save_samples, seed, size, stop_signals, timestep_embedding, train_step, write_npz)
+from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
+                    lr_at, nonneg, parse_args, Parser, pick_device, positive, save_checkpoint, save_loss, save_samples,
+                    seed, size, stop_signals, timestep_embedding, train_step, UsageError, write_npz)
 
 SCRIPT, DATA = "ddpm_unet", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
 QUICK = dict(cond=True, base_channels=16, num_res_blocks=1, dropout=0.0, batch_size=32, max_steps=2500, lr=2e-3,
@@ -275,8 +275,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
             for i in range(i0, per_epoch):
                 idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
                 x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-                if a.dataset == "cifar10":  # left-right flips, one draw per image
-                    x = torch.where(torch.rand(len(x), 1, 1, 1, device=dev) < 0.5, x.flip(3), x)
+                x = torch.where(torch.rand(len(x), 1, 1, 1, device=dev) < 0.5, x.flip(3), x) if a.dataset == "cifar10" else x
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
                 ema_update(ema, model, step, 0.9999)
                 step, n = step + 1, n + 1
@@ -331,6 +330,7 @@ def main(argv=None):
     if rank == 0:
         claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
     halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    leave_group(world)  # under torchrun every rank leaves together; rank 0 alone writes the last outputs
     if rank == 0 and not halted:
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
         print(f"done; outputs in {a.out_dir}")

@@ -16,9 +16,9 @@ import argparse, copy, math, shlex, time  # noqa: E401
 import torch
 import torch.nn as nn
 
-from common import (Parser, UsageError, any_rank, claim_out_dir, cli, count, ema_update, fraction, load_dataset,
-                    load_state, lr_at, nonneg, parse_args, pick_device, pos_embed_2d, positive, save_checkpoint,
-                    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, to_image, train_step,
+from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
+                    lr_at, nonneg, parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss,
+                    save_samples, seed, size, stop_signals, timestep_embedding, to_image, train_step, UsageError,
                     write_npz)
 
 SCRIPT, DATA = "dit_flow", {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # C, size, K
@@ -322,6 +322,7 @@ def main(argv=None):
     if rank == 0:
         claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
     halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    leave_group(world)  # under torchrun every rank leaves together; rank 0 alone writes the last outputs
     if rank == 0 and not halted:
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
         print(f"done; outputs in {a.out_dir}")
