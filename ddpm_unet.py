@@ -292,7 +292,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
                 rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), world=world, loss_log=log, loss_acc=(acc.item(), n),
+                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), loss_log=log, loss_acc=(acc.item(), n),
                                      model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
                 if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
