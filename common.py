@@ -84,8 +84,9 @@ def load_dataset(name, data_dir, batch=1, train=True):
     try:  # downloads into an empty folder when the network allows
         ds = cls(root=data_dir, train=train, download=not found)
     except Exception as e:
+        why = " ".join(str(e).split())[:60]  # torchvision's message spans lines
         raise UsageError(f"{name} {'is corrupt or incomplete in' if found else 'not found in'} {folder} "
-                         f"({str(e)[:50]}): place torchvision's files there, or empty it and connect to the network")
+                         f"({why}): place torchvision's files there, or empty it and connect to the network")
     if len(ds) < batch:
         raise UsageError(f"{folder} has {len(ds)} images; this run needs at least {batch} images (--batch-size x processes)")
     x = torch.as_tensor(np.asarray(ds.data))
