@@ -167,8 +167,8 @@ def write_idx_with(folder, truncate=False):
 def test_bad_data_exit_2(name, kind, words, tmp_path, capsys, monkeypatch):
     import urllib.request
 
-    def offline(*args, **kw):
-        raise OSError("network is unreachable")
+    def offline(*args, **kw):  # a message over two lines, as torchvision's can be
+        raise OSError("network is unreachable\ntried every mirror")
     monkeypatch.setattr(urllib.request, "urlopen", offline)
     if kind != "offline":
         write_idx_with(tmp_path / "d" / "MNIST" / "raw", truncate=kind == "corrupt")
