@@ -138,7 +138,8 @@ def save_loss(log, out, title, w=640, h=400, m=40):
         f.write("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in log))
     pts, img = [(s, math.log10(v)) for s, v in log if 0 < v < math.inf] or [(0, 0)], Image.new("RGB", (w, h), "white")
     (s0, s1), (lo, hi) = [(min(p), max(p) + 1e-9) for p in zip(*pts)]  # step range, log10 loss range
-    (draw := ImageDraw.Draw(img)).rectangle([m, m, w - m, h - m], outline="gray")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([m, m, w - m, h - m], outline="gray")
     draw.line([(m + (s - s0) / (s1 - s0) * (w - 2 * m), h - m - (v - lo) / (hi - lo) * (h - 2 * m)) for s, v in pts],
               fill=(31, 119, 180), width=2)
     draw.text((m, 10), f"{title}: {10 ** hi:.3g} (top) .. {10 ** lo:.3g} (bottom), log scale; steps {s0}..{s1:.0f}",

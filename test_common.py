@@ -3,8 +3,6 @@ import argparse
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
