@@ -13,6 +13,7 @@ import argparse, copy, math, shlex, time  # noqa: E401
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
                     lr_at, nonneg, parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss,
@@ -36,9 +37,17 @@ def get_parser():
     p.add_argument("--depth", type=size, default=12)
     p.add_argument("--num-heads", type=size, default=6)
     p.add_argument("--patch-size", type=size, default=2)
+    p.add_argument("--stem-channels", type=count, default=0, help="two 3x3 convs of this width before patchify (0: none)")
+    p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
+    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=False,
+                   help="a zero-initialised residual 3x3 conv after unpatchify")
     p.add_argument("--timesteps", type=size, default=400)
     p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
-    p.add_argument("--prediction", default="x0", choices=["eps", "v", "x0"], help="what the network predicts")
+    p.add_argument("--prediction", default="x0", choices=["eps", "v", "x0", "edm"],
+                   help="what the network predicts; edm: Karras et al.'s preconditioned x0")
+    p.add_argument("--sigma-data", type=positive, default=0.5, help="EDM's data standard deviation (--prediction edm)")
+    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "log-normal"],
+                   help="training steps: uniform, or the nearest to σ = √((1-ᾱ)/ᾱ), log σ ~ N(-1.2, 1.2²) (EDM)")
     p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=10)
@@ -47,6 +56,8 @@ def get_parser():
     p.add_argument("--lr", type=positive, default=3e-4, help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=0.0)
     p.add_argument("--warmup-steps", type=count, default=200)
+    p.add_argument("--beta2", type=fraction, default=0.999, help="AdamW's second-moment decay")
+    p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay, reached after a warm-up")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
@@ -75,12 +86,29 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D) with per-sample (N, D)
 
 
+class Attention(nn.Module):
+    """Multi-head self-attention written out: one qkv projection, a split into heads, softmax(QKᵀ/√d)V, a projection."""
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)  # q, k and v for every head in one matmul
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):  # x (N, T, D)
+        N, T, D = x.shape
+        qkv = self.qkv(x).view(N, T, 3, self.heads, D // self.heads)  # (N, T, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (N, H, T, D/H)
+        out = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √(D/H)) v, (N, H, T, D/H)
+        out = out.transpose(1, 2).reshape(N, T, D)  # the heads side by side again
+        return self.proj(out)
+
+
 class DiTBlock(nn.Module):
     """Transformer block whose LayerNorms are shifted, scaled and gated by the condition (adaLN-Zero)."""
     def __init__(self, dim, heads, mlp_ratio):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)  # per head softmax(q kᵀ / √Dh) v, by SDPA
+        self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
@@ -88,26 +116,38 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, c):  # x (N, T, D), c (N, D)
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=1)  # 6 x (N, D)
-        h = modulate(self.norm1(x), shift1, scale1)
-        x = x + gate1.unsqueeze(1) * self.attn(h, h, h, need_weights=False)[0]
-        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        return x
 
 
 class DiT(nn.Module):
-    """Patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify."""
+    """Conv stem -> patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y), the second half
+    fed by long skips from the first -> unpatchify -> a zero-initialised residual 3x3 conv."""
     def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
-                 freq_dim=256):
+                 freq_dim=256, stem=0, skips=False, out_conv=False):
         super().__init__()
-        self.channels, self.patch, self.grid, self.freq_dim = channels, patch, img_size // patch, freq_dim
+        self.channels = channels
+        self.patch = patch
+        self.grid = img_size // patch  # tokens per side
+        self.freq_dim = freq_dim
         self.num_classes = num_classes  # label `num_classes` is the null label used for CFG
-        self.patch_embed = nn.Conv2d(channels, dim, kernel_size=patch, stride=patch)
+        # stem: two 3x3 convs at full resolution see the pixels around each patch's edge before it becomes a token
+        self.stem = nn.Identity()
+        if stem:
+            self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(stem, stem, 3, padding=1), nn.GELU())
+        self.patch_embed = nn.Conv2d(stem or channels, dim, kernel_size=patch, stride=patch)
         self.register_buffer("pos_embed", pos_embed_2d(dim, self.grid)[None], persistent=False)  # (1, T, D)
         self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
         self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
+        # long skips (U-ViT): block depth-1-i also takes block i's output, concatenated and projected back to D
+        self.skips = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth // 2 if skips else 0))
         self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # shift, scale
         self.final = nn.Linear(dim, patch * patch * channels)  # each token -> its patch's pixels
+        self.out_conv = nn.Conv2d(channels, channels, 3, padding=1) if out_conv else None  # smooths patch seams
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -119,66 +159,121 @@ class DiT(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
         # adaLN-Zero: the modulation layers and the output layer start at zero, so every block is the
         # identity (gates = 0) and the untrained network outputs exactly 0; training opens the gates.
-        for m in [*(blk.adaLN[-1] for blk in self.blocks), self.final_adaLN[-1], self.final]:
+        # The output conv starts at zero too: a residual that begins as the identity.
+        zero = [*(blk.adaLN[-1] for blk in self.blocks), self.final_adaLN[-1], self.final]
+        for m in zero + ([self.out_conv] if out_conv else []):
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
 
     def unpatchify(self, x):  # (N, T, p*p*C) -> (N, C, H, W)
         N, g, p, C = x.shape[0], self.grid, self.patch, self.channels
-        return x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(N, C, g * p, g * p)  # via (N, C, g, p, g, p)
+        x = x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p): row of patches, row in patch
+        return x.reshape(N, C, g * p, g * p)
 
     def forward(self, x, t, y):  # x (N, C, H, W), t (N,) timestep index, y (N,) label or null
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        x = self.patch_embed(self.stem(x))  # (N, D, H/p, W/p)
+        x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
         c = self.t_mlp(timestep_embedding(t, self.freq_dim)) + self.y_embed(y)  # (N, D)
-        for blk in self.blocks:
+        early = []
+        for i, blk in enumerate(self.blocks):
+            j = len(self.blocks) - 1 - i  # the block this one mirrors
+            if j < len(self.skips):  # the second half: concatenate the mirrored block's output
+                x = self.skips[j](torch.cat([x, early.pop()], dim=-1))
             x = blk(x, c)
+            if i < len(self.skips):
+                early.append(x)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
-        return self.unpatchify(self.final(modulate(self.final_norm(x), shift, scale)))  # (N, T, p*p*C) -> image
+        x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
+        x = self.unpatchify(x)  # (N, C, H, W)
+        return x + self.out_conv(x) if self.out_conv else x
 
 
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
     """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
     def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
-                 num_classes=10, device="cpu"):
-        self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
-        self.label_dropout, self.null = label_dropout, num_classes  # label `num_classes` is the null label
+                 num_classes=10, device="cpu", sigma_data=0.5, t_sampling="uniform"):
+        self.T = timesteps
+        self.prediction = prediction
+        self.snr_gamma = snr_gamma
+        self.label_dropout = label_dropout
+        self.null = num_classes  # label `num_classes` is the null label
+        self.sigma_data = sigma_data
+        self.t_sampling = t_sampling
         if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
             betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
         else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
-            f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+            s = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+            f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
+
+    def precond(self, ab):
+        """(c_in, c_skip, c_out) on x_t: the network sees c_in x_t; for edm x0 = c_skip x_t + c_out F (else c_in = 1).
+        EDM's x = x0 + σ n is x_t / √ᾱ with σ² = (1-ᾱ)/ᾱ, so its c_in = 1/√(σ²+σd²), c_skip = σd²/(σ²+σd²),
+        c_out = σ σd/√(σ²+σd²) become, with k = 1-ᾱ+ᾱσd²: c_in = 1/√k, c_skip = σd²√ᾱ/k, c_out = σd√(1-ᾱ)/√k."""
+        if self.prediction != "edm":
+            return torch.ones_like(ab), None, None
+        sd2 = self.sigma_data ** 2
+        k = 1 - ab + ab * sd2
+        return k.rsqrt(), sd2 * ab.sqrt() / k, (sd2 * (1 - ab) / k).sqrt()
+
+    def sample_t(self, n, device):
+        """Training steps: uniform, or log-normal in σ (EDM: log σ ~ N(-1.2, 1.2²)) rounded to the next step's σ."""
+        if self.t_sampling == "uniform":
+            return torch.randint(0, self.T, (n,), device=device)
+        sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, device=device))
+        sigmas = ((1 - self.abar) / self.abar).sqrt()  # increasing in t
+        return torch.searchsorted(sigmas, sigma).clamp(max=self.T - 1)
 
     def loss(self, model, x0, y):
         """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
         y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
-        t = torch.randint(0, self.T, (len(y),), device=y.device)
+        t = self.sample_t(len(y), y.device)
         eps = torch.randn_like(x0)
         ab = self.abar[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
-        target = {"eps": eps, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
-        mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
+        c_in, c_skip, c_out = self.precond(ab)
+        if self.prediction == "edm":  # the F that gives x0 exactly: unit variance at every σ
+            target = (x0 - c_skip * xt) / c_out
+        elif self.prediction == "v":
+            target = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v = √ᾱ ε - √(1-ᾱ) x0
+        else:
+            target = eps if self.prediction == "eps" else x0
+        mse = ((model(c_in * xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
         return (self.weight(ab.flatten()) * mse).mean()
 
     def weight(self, ab):
         """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
+        if not self.snr_gamma:
+            return torch.ones_like(ab)
         snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
-        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
-        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(ab)
+        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}.get(self.prediction)
+        if units is None:  # edm: ||F-error||² = ||x0-error||² / c_out²
+            units = 1 / self.precond(ab)[2] ** 2
+        return snr.clamp(max=self.snr_gamma) / units
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
         ab = self.abar[t]
-        x0 = {"eps": lambda: (x - (1 - ab).sqrt() * out) / ab.sqrt(), "v": lambda: ab.sqrt() * x - (1 - ab).sqrt() * out,
-              "x0": lambda: out}[self.prediction]().clamp(-1, 1)
+        if self.prediction == "eps":
+            x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
+        elif self.prediction == "v":
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
+        elif self.prediction == "edm":
+            _, c_skip, c_out = self.precond(ab)
+            x0 = c_skip * x + c_out * out
+        else:
+            x0 = out
+        x0 = x0.clamp(-1, 1)
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def guided(self, model, x, t, y, scale, amp=False):
         """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
         tt, null = torch.full((len(y),), t, device=y.device), torch.full_like(y, self.null)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+            x_in = self.precond(self.abar[t])[0] * x  # c_in x_t
+            cond, uncond = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
         return uncond + scale * (cond - uncond)
 
     @torch.no_grad()
@@ -240,7 +335,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
                 x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
                 acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
-                ema_update(ema, model, step, 0.9999)
+                ema_update(ema, model, step, a.ema_decay)
                 step, n = step + 1, n + 1
                 if step % a.log_every == 0 or step == total:
                     log.append((step, acc.item() / n))  # the only host sync
@@ -270,9 +365,12 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, num_classes=K).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
-    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev)
+    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, num_classes=K, stem=a.stem_channels,
+                skips=a.skips, out_conv=a.out_conv).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
+                            fused=dev.type == "cuda")
+    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev, a.sigma_data,
+                    a.t_sampling)
     return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 

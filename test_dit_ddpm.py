@@ -32,15 +32,21 @@ def test_unpatchify_inverts_patchify():
 
 
 def test_attention_matches_explicit_formula():
-    """Head h attends with its own slice of q, k and v: out = W_o [softmax(q_h k_hᵀ / √8) v_h for h = 0..3] + b_o."""
+    """Head h uses rows h·8..h·8+7 of each of the q, k and v thirds of the qkv weight: out = W_o [softmax(q_h k_hᵀ / √8)
+    v_h for h = 0..3] + b_o, computed here head by head with an explicit softmax."""
     torch.manual_seed(0)
-    blk = dit_ddpm.DiTBlock(32, heads=4, mlp_ratio=4)
+    attn = dit_ddpm.Attention(32, heads=4)
     x = torch.randn(2, 49, 32)
-    q, k, v = (x @ blk.attn.in_proj_weight.T + blk.attn.in_proj_bias).split(32, dim=-1)  # (N, T, D) each
-    heads = [torch.softmax(q[..., h:h + 8] @ k[..., h:h + 8].transpose(1, 2) / 8 ** 0.5, -1) @ v[..., h:h + 8]
-             for h in range(0, 32, 8)]
-    ref = blk.attn.out_proj(torch.cat(heads, dim=-1))
-    assert torch.allclose(blk.attn(x, x, x, need_weights=False)[0], ref, atol=1e-5)
+    W, b = attn.qkv.weight, attn.qkv.bias  # (96, 32), (96,): q rows 0..31, k rows 32..63, v rows 64..95
+    heads = []
+    for h in range(4):
+        rows = [slice(part * 32 + h * 8, part * 32 + h * 8 + 8) for part in range(3)]
+        q, k, v = (x @ W[r].T + b[r] for r in rows)  # (2, 49, 8) each
+        weights = torch.exp(q @ k.transpose(1, 2) / math.sqrt(8))
+        heads.append(weights / weights.sum(-1, keepdim=True) @ v)
+    ref = torch.cat(heads, dim=-1) @ attn.proj.weight.T + attn.proj.bias
+    assert torch.allclose(attn(x), ref, atol=1e-5)
+    assert not torch.allclose(attn(x), torch.cat(heads[::-1], dim=-1) @ attn.proj.weight.T + attn.proj.bias, atol=1e-3)
 
 
 # ----------------------------------------------------------------------------- dit_ddpm.py: diffusion
@@ -54,7 +60,7 @@ def test_schedules_at_both_ends():
         assert (d.abar[1:] < d.abar[:-1]).all()
 
 
-@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "edm"])
 def test_prediction_round_trip_is_exact(prediction):
     """The training target built from (x0, ε) converts back to the same (x0, ε) at every t."""
     d = dit_ddpm.Diffusion(400, "cosine", prediction)
@@ -63,10 +69,31 @@ def test_prediction_round_trip_is_exact(prediction):
     for t in (0, 100, 399):
         a = d.abar[t]
         x = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        out = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0}[prediction]
+        sigma = ((1 - a) / a).sqrt()  # EDM's noise level: x / √ᾱ = x0 + σ ε
+        edm = (x0 - 0.25 / (sigma ** 2 + 0.25) * x / a.sqrt()) / (0.5 * sigma / (sigma ** 2 + 0.25).sqrt())
+        out = {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * x0, "x0": x0, "edm": edm}[prediction]
         x0_hat, eps_hat = d.denoise(out, x, t)
         assert torch.allclose(x0_hat, x0, atol=2e-3 if t == 399 and prediction == "eps" else 1e-5)
         assert torch.allclose(eps_hat, eps, atol=1e-3)
+
+
+def test_edm_preconditioning_in_sigma_and_log_normal_steps():
+    """c_in x_t is EDM's x / √(σ² + σd²) with x = x_t / √ᾱ, and its training target has unit variance on data of std
+    σd at every step; log-normal steps put half the draws below σ = e^-1.2 and 16% above σ = 1."""
+    d = dit_ddpm.Diffusion(400, "cosine", "edm", sigma_data=0.5)
+    torch.manual_seed(0)
+    x0, eps = 0.5 * torch.randn(20000), torch.randn(20000)  # data of std σd
+    for t in (0, 50, 200, 399):
+        a = d.abar[t]
+        sigma = ((1 - a) / a).sqrt()
+        c_in, c_skip, c_out = d.precond(a)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        assert torch.isclose(c_in * a.sqrt(), 1 / (sigma ** 2 + 0.25).sqrt(), rtol=1e-4)  # on x = x_t / √ᾱ
+        assert abs(((x0 - c_skip * xt) / c_out).std() - 1) < 0.02
+    t = dit_ddpm.Diffusion(400, "cosine", t_sampling="log-normal").sample_t(100000, "cpu")
+    sigmas = ((1 - d.abar) / d.abar).sqrt()
+    assert abs((sigmas[t] <= math.exp(-1.2)).float().mean() - 0.5) < 0.02
+    assert abs((sigmas[t] >= 1).float().mean() - 0.159) < 0.02
 
 
 def test_min_snr_weights():

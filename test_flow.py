@@ -131,6 +131,24 @@ def test_x1_prediction_loss_and_velocity():
         got, _ = flow.sample(flow_model, torch.tensor([0, 1]), 1.0, "euler", steps, gen=torch.Generator().manual_seed(0))
         assert torch.allclose(got, target.expand(2, -1, -1, -1), atol=1e-6)
 
+def test_edm_preconditioning_on_the_straight_path():
+    """--prediction edm: the target (x1 - c_skip x_t) / c_out has unit variance at every t on data of std σd, the
+    network sees x_t with unit variance, and sampling turns F back into x1 = c_skip x_t + c_out F."""
+    flow = dit_flow.Flow(prediction="edm", num_classes=4, sigma_data=0.5)
+    torch.manual_seed(0)
+    x1, x0 = 0.5 * torch.randn(20000), torch.randn(20000)
+    for t in (0.0, 0.3, 0.9, 0.999):
+        c_in, c_skip, c_out = flow.precond(t)
+        xt = (1 - t) * x0 + t * x1
+        assert abs((c_in * xt).std() - 1) < 0.02 and abs(((x1 - c_skip * xt) / c_out).std() - 1) < 0.02
+    x, target = torch.randn(2, 1, 4, 4), torch.rand(2, 1, 4, 4) * 2 - 1
+    const = lambda out: type("M", (), {"__call__": lambda self, x, t, y: out.repeat(2, 1, 1, 1)})()  # noqa: E731
+    for t in (0.0, 0.5):
+        c_in, c_skip, c_out = flow.precond(t)
+        v = flow.guided(const((target - c_skip * x) / c_out), x, t, torch.tensor([0, 1]), 2.0)
+        assert torch.allclose(v, (target - x) / (1 - t), atol=1e-5)  # the velocity towards the predicted x1
+
+
 def test_t_sampling_uniform_and_logit_normal():
     """Uniform puts 10% of the times in each tenth of [0, 1]; logit-normal 1.4% below 0.1, 31.5% in (0.4, 0.6)."""
     u, ln = dit_flow.Flow("uniform").sample_t(200000, "cpu"), dit_flow.Flow("logit-normal").sample_t(200000, "cpu")
