@@ -4,7 +4,7 @@ with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M
     python dit_ddpm.py --quick --device cpu                  # the small CPU recipe (QUICK below)
     torchrun --nproc_per_node=4 dit_ddpm.py --device cuda    # reference config (384 wide, 12 deep) on 4 GPUs
     python dit_ddpm.py --resume runs/dit_ddpm/ckpt.pt        # continue a stopped run with all its flags
-    python dit_ddpm.py --sample-only --ckpt runs/dit_ddpm/ckpt.pt --num-samples 1000 --cfg-scales 3
+    python dit_ddpm.py --sample-only --ckpt runs/dit_ddpm/ckpt.pt --num-samples 1000 --sample-cfg 3
 
 Writes to --out-dir: per epoch one grid per CFG scale (grid_eNNN_cfgS.png, row = class) and a GIF of the reverse
 process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N also samples.npz for evaluate.py.
@@ -37,7 +37,8 @@ def get_parser():
     p.add_argument("--depth", type=size, default=12)
     p.add_argument("--num-heads", type=size, default=6)
     p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--stem-channels", type=count, default=0, help="two 3x3 convs of this width before patchify (0: none)")
+    p.add_argument("--stem-channels", type=count, default=0,
+                   help="two 3x3 convs of this width before patchify (0: none)")
     p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
     p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=False,
                    help="a zero-initialised residual 3x3 conv after unpatchify")
@@ -51,14 +52,16 @@ def get_parser():
     p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=10)
-    p.add_argument("--max-steps", type=count, default=0, help="run length in steps, the LR schedule spans it (0: --epochs)")
+    p.add_argument("--max-steps", type=count, default=0,
+                   help="run length in steps, the LR schedule spans it (0: --epochs)")
     p.add_argument("--batch-size", type=size, default=128, help="per process")
     p.add_argument("--lr", type=positive, default=3e-4, help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=0.0)
     p.add_argument("--warmup-steps", type=count, default=200)
     p.add_argument("--beta2", type=fraction, default=0.999, help="AdamW's second-moment decay")
     p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay, reached after a warm-up")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
@@ -69,6 +72,7 @@ def get_parser():
     p.add_argument("--eta", type=nonneg, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
+    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
     return p
 
 
@@ -270,10 +274,12 @@ class Diffusion:
 
     def guided(self, model, x, t, y, scale, amp=False):
         """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
-        tt, null = torch.full((len(y),), t, device=y.device), torch.full_like(y, self.null)
+        tt = torch.full((len(y),), t, device=y.device)
+        null = torch.full_like(y, self.null)
+        x_in = self.precond(self.abar[t])[0] * x  # c_in x_t
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            x_in = self.precond(self.abar[t])[0] * x  # c_in x_t
-            cond, uncond = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+            out = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([y, null]))
+        cond, uncond = out.float().chunk(2)
         return uncond + scale * (cond - uncond)
 
     @torch.no_grad()
@@ -282,19 +288,25 @@ class Diffusion:
         all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
         shape = (len(y), model.channels, model.grid * model.patch, model.grid * model.patch)
         x = torch.randn(shape, device=y.device, generator=gen)
-        n, eta = (self.T, 1.0) if sampler == "ddpm" else (steps, eta)  # ddpm: every step T-1, ..., 0, with η = 1
-        ts = torch.linspace(self.T - 1, 0, n).round().long().tolist() + [-1]  # the n steps, then the clean image
-        snaps, every, x0_prev = [x], max(1, n // frames) if frames else 0, None
+        if sampler == "ddpm":  # every step T-1, ..., 0, with η = 1
+            steps, eta = self.T, 1.0
+        ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist() + [-1]  # the steps, then the clean image
+        snaps = [x]
+        every = max(1, steps // frames) if frames else 0
+        x0_prev = h_prev = None  # DPM-Solver++: the previous step's x0 estimate and step size
         for i, (t, s) in enumerate(zip(ts, ts[1:])):  # from step t to the next one, s
-            ab, ab_s = self.abar[t], self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
+            ab = self.abar[t]
+            ab_s = self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1: the clean image
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
-                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ at the clean image
-                D, r = x0, h_prev / h if x0_prev is not None else 1.0  # D = x0_i: 1st order (first step, into t <= 0)
-                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
+                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ into s = -1
+                D = x0  # 1st order on the first step and on the last (into s = -1)
+                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}
+                    r = h_prev / h
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-                x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
-                x0_prev, h_prev = x0, h
+                x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^-h - 1) D
+                x0_prev = x0
+                h_prev = h
             else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
                 sigma = eta * ((1 - ab_s) / (1 - ab) * (1 - ab / ab_s)).sqrt()
                 noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
@@ -312,7 +324,7 @@ def outputs(a, obj, ema, dev, tag, npz=False):
     if tag:
         save_samples(draw, dev, ema.num_classes, a.cfg_scales, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
-        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed, sampler=a.sampler,
+        write_npz(draw, dev, a.num_samples, ema.num_classes, a.sample_cfg, a.out_dir, a.seed, sampler=a.sampler,
                   sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
 
 

@@ -40,7 +40,8 @@ def get_parser():
     p.add_argument("--depth", type=size, default=6)
     p.add_argument("--num-heads", type=size, default=8)
     p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--stem-channels", type=count, default=0, help="two 3x3 convs of this width before patchify (0: none)")
+    p.add_argument("--stem-channels", type=count, default=0,
+                   help="two 3x3 convs of this width before patchify (0: none)")
     p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
     p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=False,
                    help="a zero-initialised residual 3x3 conv after unpatchify")
@@ -50,14 +51,16 @@ def get_parser():
     p.add_argument("--sigma-data", type=positive, default=0.5, help="EDM's data standard deviation (--prediction edm)")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=50)
-    p.add_argument("--max-steps", type=count, default=0, help="run length in steps, the LR schedule spans it (0: --epochs)")
+    p.add_argument("--max-steps", type=count, default=0,
+                   help="run length in steps, the LR schedule spans it (0: --epochs)")
     p.add_argument("--batch-size", type=size, default=64, help="per process")
     p.add_argument("--lr", type=positive, default=1e-4, help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=1e-4)
     p.add_argument("--warmup-steps", type=count, default=0)
     p.add_argument("--beta2", type=fraction, default=0.999, help="AdamW's second-moment decay")
     p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay, reached after a warm-up")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
@@ -67,6 +70,7 @@ def get_parser():
     p.add_argument("--sample-steps", type=size, default=20, help="integration steps from t = 0 to 1")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
+    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
     return p
 
 
@@ -322,7 +326,7 @@ def outputs(a, obj, ema, dev, tag, npz=False):
             real_and_ours = torch.cat([make_patterns(a.seed, K)[0].to(dev), x[-K * 10::10]])
             to_image(viewable(real_and_ours, True), K).save(f"{a.out_dir}/compare_{tag}.png")
     if npz and a.num_samples:
-        sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.cfg_scales[0], a.out_dir, a.seed,
+        sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.sample_cfg, a.out_dir, a.seed,
                                             sampler=a.sampler, sample_steps=a.sample_steps))]
     for what, x, y in sets if a.dataset == "patterns" else []:  # printed, and a row of metrics.csv
         row = [what, len(x), a.sampler, a.sample_steps, *template_scores(x, y)]
