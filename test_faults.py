@@ -248,6 +248,16 @@ def test_a_full_disk_while_writing_a_grid_keeps_the_checkpoint(name, fake_mnist,
     assert load(out / "ckpt.pt")["step"] == 2 and no_temp_files(out) and not (out / "grid_e001_cfg1.png").exists()
 
 
+def test_dit_flow_a_failed_write_of_its_patterns_figure_is_one_line_and_exit_1(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "compare_e001.png").mkdir(parents=True)
+    argv = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--sample-steps", "2",
+            "--max-steps", "2", "--cfg-scales", "1", "--out-dir", str(out), "--device", "cpu"]
+    assert run_main(MODS["dit_flow"], argv) == 1
+    one_line_error(capsys, "compare_e001.png")
+    assert load(out / "ckpt.pt")["step"] == 2 and not (out / ".lock").exists()
+
+
 def test_evaluate_a_failed_result_write_is_one_line_and_exit_1(fake_mnist, tmp_path, capsys, monkeypatch):
     def scores(*args):  # what the metrics return; meanwhile the file's place is taken
         (tmp_path / "s.eval.json").mkdir()
