@@ -298,6 +298,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
                 if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
             t0, s0 = time.time(), step  # img/s and ETA count training only
+    halt = halt or bool(stop)  # a signal during the last save stops the run too
     if halt:
         launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
         say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
@@ -326,9 +327,9 @@ def main(argv=None):
         load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
-    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, a.batch_size * world)
+    data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, DATA[a.dataset], a.batch_size * world)
     if rank == 0:
-        claim_out_dir(a.out_dir, fresh=not (a.resume or a.sample_only))
+        claim_out_dir(a)
     halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
     leave_group(world)  # under torchrun every rank leaves together; rank 0 alone writes the last outputs
     if rank == 0 and not halted:

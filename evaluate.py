@@ -25,10 +25,23 @@ import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from common import Parser, UsageError, cli, load_checkpoint, load_dataset, pick_device, progress, save_checkpoint
+from common import (
+    Parser,
+    UsageError,
+    atomic_write,
+    cli,
+    count,
+    load_checkpoint,
+    load_dataset,
+    pick_device,
+    progress,
+    save_checkpoint,
+    seed,
+    size,
+)
 
 SCRIPT = "evaluate"
 ARCH = 1  # bump when Classifier or its training changes: cached weights under the old hash stop matching
@@ -45,14 +58,12 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--cache-dir", default="", help="classifier cache (default: <data-dir>/evaluate_cache)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--classifier-epochs", type=int, default=5)
-    p.add_argument("--max-train", type=int, default=0, help="train the classifier on the first N images (0: all)")
+    p.add_argument("--seed", type=seed, default=0, help="the classifier's training and the metrics' draws")
+    p.add_argument("--classifier-epochs", type=size, default=5)
+    p.add_argument("--max-train", type=count, default=0, help="train the classifier on the first N images (0: all)")
     a = p.parse_args(argv)
     if a.dataset not in DATA_SHAPES:
         raise UsageError(f"unknown --dataset '{a.dataset}' (choose from {', '.join(DATA_SHAPES)})")
-    if a.classifier_epochs < 1 or a.max_train < 0:
-        raise UsageError("--classifier-epochs must be >= 1 and --max-train >= 0")
     a.cache_dir = a.cache_dir or os.path.join(a.data_dir, "evaluate_cache")
     return a
 
@@ -64,7 +75,7 @@ def load_samples(path, dataset):
     try:
         z = np.load(path, allow_pickle=False)
         arrays = {k: z[k] for k in z.files}  # a lone .npy array has no .files: AttributeError
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (whatever numpy raises: the file is refused in one line)
         raise UsageError(f"{path} is not an .npz archive ({type(e).__name__}); expected one written by np.savez")
     if "x" not in arrays:
         raise UsageError(f"{path} has no 'x' array (keys: {', '.join(arrays) or 'none'})")
@@ -119,7 +130,9 @@ def train_classifier(model, x, y, epochs, seed, dev, batch=64, lr=2e-3, shift=2)
     """Adam, lr decaying linearly to 0, each batch rolled by up to `shift` pixels; data is one uint8 tensor."""
     x, y = x.to(dev), y.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen, steps, step = torch.Generator().manual_seed(seed), epochs * -(-len(x) // batch), 0
+    gen = torch.Generator().manual_seed(seed)
+    steps = epochs * -(-len(x) // batch)
+    step = 0
     tick = progress("classifier", epochs * len(x))  # a line each tenth of the images seen: done/total, img/s, eta
     model.train()
     for epoch in range(epochs):
@@ -248,7 +261,8 @@ def main(argv=None):
     except OSError as e:
         raise UsageError(f"cannot write {out} ({e.strerror}); put the samples in a writable folder")
     dev = pick_device(a.device)[2]
-    train, test = load_dataset(a.dataset, a.data_dir, train=True), load_dataset(a.dataset, a.data_dir, train=False)
+    train = load_dataset(a.dataset, a.data_dir, DATA_SHAPES[a.dataset], train=True)  # labels and image size checked
+    test = load_dataset(a.dataset, a.data_dir, DATA_SHAPES[a.dataset], train=False)
     if a.max_train:
         train = (train[0][:a.max_train], train[1][:a.max_train])
     if min(len(train[0]), len(test[0])) < K + 1:
@@ -257,8 +271,7 @@ def main(argv=None):
     t0 = time.time()
     r = evaluate(model, x, y, train, test, dev, a.seed)
     r.update(samples=a.samples, dataset=a.dataset, meta=meta, classifier=cache, classifier_test_accuracy=acc)
-    with open(out, "w") as f:
-        json.dump(r, f, indent=1, default=str)
+    atomic_write(out, lambda f: f.write(json.dumps(r, indent=1, default=str).encode()))  # fails in one line, exit 1
     ca = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.2%}"
     info = ", ".join(f"{k} {v}" for k, v in meta.items())
     print(f"\n{a.samples}: {len(x)} samples{', ' + info if info else ''}; {a.dataset} test split: {len(test[0])}\n"

@@ -79,7 +79,7 @@ def test_parse_args_quick_and_named_flags():
 
 def test_checkpoints_never_hold_nan_and_load_without_code(tmp_path):
     ck = {"script": "s", "model": {"w": torch.ones(2)}, "ema": {"w": torch.ones(2)}, "step": 3, "args": {"lr": 1.0},
-          "rng": [torch.get_rng_state()], "opt": {}}
+          "rng": [torch.get_rng_state()], "opt": {}, "loss_log": [(3, 0.5)], "loss_acc": (0.0, 0)}
     common.save_checkpoint(ck, tmp_path / "ok.pt")
     assert common.load_checkpoint(tmp_path / "ok.pt", "s")["step"] == 3
     with pytest.raises(common.UsageError, match="NaN/inf at step 3.*keeps the last good state") as e:

@@ -92,7 +92,7 @@ def write_npz(path, **arrays):
 
 
 def test_real_test_images_score_perfect_and_noise_does_not(fake_mnist, cache, tmp_path, capsys):
-    x, y = common.load_dataset("mnist", fake_mnist, train=False)
+    x, y = common.load_dataset("mnist", fake_mnist, evaluate.DATA_SHAPES["mnist"], train=False)
     real = write_npz(tmp_path / "real.npz", x=x.numpy().astype(np.float32) / 255, y=y.numpy(), cfg_scale=3.0)
     code, out = run([real, "--data-dir", fake_mnist, "--cache-dir", cache] + FAST, capsys)
     assert code == 0, out
