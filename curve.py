@@ -14,6 +14,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ def run_point(script, minutes, rate, batch, a):
            "--out-dir", out, "--device", "cpu", "--num-samples", "1000"]
     print(" ".join(cmd), flush=True)
     log = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    seconds = float(next(ln.split()[-2] for ln in log.splitlines() if ln.startswith("trained ")))
+    seconds = float(re.search(r"^trained \d+ steps in ([\d.]+) s", log, re.M).group(1))
     scores = [sys.executable, "evaluate.py", f"{out}/samples.npz", "--data-dir", a.data_dir, "--cache-dir", a.cache_dir]
     subprocess.run(scores, capture_output=True, check=True)
     r = json.load(open(f"{out}/samples.eval.json"))

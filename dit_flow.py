@@ -74,12 +74,15 @@ def get_parser():
     return p
 
 
-def check(a):  # the cross-flag checks argparse cannot make
-    for bad, msg in [(a.hidden_size % math.lcm(4, a.num_heads), "--hidden-size must be a multiple of 4 and of --num-heads"),
-                     (DATA[a.dataset][1] % a.patch_size, f"--patch-size must divide {DATA[a.dataset][1]}, the image size"),
-                     (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
-        if bad:
-            raise UsageError(msg)
+def check(a):
+    """The cross-flag checks argparse cannot make."""
+    image_size = DATA[a.dataset][1]
+    if a.hidden_size % math.lcm(4, a.num_heads):
+        raise UsageError("--hidden-size must be a multiple of 4 and of --num-heads")
+    if image_size % a.patch_size:
+        raise UsageError(f"--patch-size must divide {image_size}, the image size")
+    if a.sample_only and not a.ckpt:
+        raise UsageError("--sample-only needs --ckpt PATH")
 
 
 # ----------------------------------------------------------------------------- data: synthetic patterns
@@ -337,48 +340,67 @@ def outputs(a, obj, ema, dev, tag, npz=False):
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     """The loop: data on the device (uint8 or float patterns), shuffled per epoch by index; host syncs only to log."""
-    (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
+    x_all, y_all = (t.to(dev) for t in data)
+    B = a.batch_size
+    path = f"{a.out_dir}/ckpt.pt"
     per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total, say = a.max_steps or a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None  # LR spans it
-    step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    acc, s0, t0, halt = torch.tensor(acc).to(dev), step, time.time(), False
+    total = a.max_steps or a.epochs * per_epoch  # the LR schedule spans the run
+    say = print if rank == 0 else lambda *_, **__: None
+    if ckpt:  # a resume: the step, the loss rows, and the loss summed since the last row
+        step, log = ckpt["step"], ckpt["loss_log"]
+        acc, n = ckpt["loss_acc"]
+    else:
+        step, log = 0, []
+        acc, n = 0.0, 0
+    acc = torch.tensor(acc).to(dev)
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-        f"process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    say(f"training {params:.3g}M params on {len(x_all)} images, {world} process(es) x batch {B}, "
+        f"steps {step}..{total}, {dev}, amp {a.amp}")
+    start, t_start = step, time.time()
+    s0, t0 = step, time.time()  # img/s and ETA count training steps only
+    halt = False
     with stop_signals() as stop:
         while step < total and not halt:
             epoch, i0 = divmod(step, per_epoch)
-            perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
+            gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)  # the same order on every rank, and on resume
+            perm = torch.randperm(len(x_all), generator=gen).to(dev)
             for i in range(i0, per_epoch):
                 idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
                 x = x_all[idx].float() / 127.5 - 1 if x_all.dtype == torch.uint8 else x_all[idx]  # -> [-1, 1]
-                acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
+                lr = lr_at(step, a.lr, a.warmup_steps, total)
+                acc += train_step(a, net, opt, obj, x, y_all[idx], lr)
                 ema_update(ema, model, step, a.ema_decay)
-                step, n = step + 1, n + 1
+                step += 1
+                n += 1
                 if step % a.log_every == 0 or step == total:
                     log.append((step, acc.item() / n))  # the only host sync
                     if not math.isfinite(log[-1][1]):
                         raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                        f"eta {(total - step) * B * world / ips / 60:.1f} min", flush=True)
+                    eta = (total - step) * B * world / ips / 60
+                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} "
+                        f"img/s {ips:.0f} eta {eta:.1f} min", flush=True)
                     acc, n = acc * 0, 0
                 halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
                 if step == total or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
                 rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
+                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
                 save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), loss_log=log, loss_acc=(acc.item(), n),
-                                     model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
+                                     **state), path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
                 if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
-            t0, s0 = time.time(), step  # img/s and ETA count training only
+            s0, t0 = step, time.time()
     halt = halt or bool(stop)  # a signal during the last save stops the run too
     if halt:
         launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
         say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
+    else:
+        say(f"trained {step - start} steps in {time.time() - t_start:.1f} s (with checkpoints and grids)")
     return halt
 
 
@@ -405,11 +427,16 @@ def main(argv=None):
         load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)
         torch.manual_seed(a.seed + 1000 * rank + (ckpt["step"] if a.resume else 0))
-    data = None if a.sample_only else make_patterns(a.seed) if a.dataset == "patterns" else \
-        load_dataset(a.dataset, a.data_dir, DATA[a.dataset], a.batch_size * world)
+    data = None
+    if a.dataset == "patterns" and not a.sample_only:
+        data = make_patterns(a.seed)
+    elif not a.sample_only:  # the whole split, checked against DATA[dataset] before anything is written
+        data = load_dataset(a.dataset, a.data_dir, DATA[a.dataset], a.batch_size * world)
     if rank == 0:
         claim_out_dir(a)
-    halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    halted = False
+    if not a.sample_only:
+        halted = train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
     leave_group(world)  # under torchrun every rank leaves together; rank 0 alone writes the last outputs
     if rank == 0 and not halted:
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
