@@ -44,12 +44,14 @@ class RefAttention(nn.Module):
 
     def __init__(self, dim, heads):
         super().__init__()
-        self.heads, self.scale = heads, (dim // heads) ** -0.5
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.heads = heads
+        self.scale = (dim // heads) ** -0.5  # 1/√d of a head
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):  # (N, T, D)
         N, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (N, H, T, D/H)
         attn = (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)  # (N, H, T, T)
         return self.proj((attn @ v).transpose(1, 2).reshape(N, T, D))
 
@@ -59,7 +61,8 @@ class RefBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.attn, self.modulate = RefAttention(dim, heads), modulate
+        self.attn = RefAttention(dim, heads)
+        self.modulate = modulate
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
@@ -73,20 +76,30 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
     """dit_ddpm.py's train step and DDIM-50 sampler against the reference style, same sizes."""
     ref = mod.DiT(dim=a.hidden_size, depth=a.depth, heads=a.num_heads).to(dev)
     ref.blocks = nn.ModuleList(RefBlock(a.hidden_size, a.num_heads, mod.modulate) for _ in range(a.depth)).to(dev)
-    B, T = a.batch_size, 400
+    B = a.batch_size
+    T = 400  # the reference's number of diffusion steps
     betas = torch.linspace(1e-4, 0.02, T, device=dev)  # the reference's own linear schedule
     abar = torch.cumprod(1 - betas, 0)
-    images, labels = torch.rand(4 * B, 1, 28, 28) * 2 - 1, torch.arange(4 * B) % 10
+    images = torch.rand(4 * B, 1, 28, 28) * 2 - 1
+    labels = torch.arange(4 * B) % 10
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, labels), batch_size=B, shuffle=True)
-    ref_opt, batches = torch.optim.Adam(ref.parameters(), lr=1e-4), iter(())
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=1e-4)
+    batches = iter(())
 
     def ref_step():  # DataLoader, fp32, .item() every step
         nonlocal batches
-        x0, y = next(batches, None) or next(batches := iter(loader))
-        x0, y = x0.to(dev), torch.where(torch.rand(B) < 0.1, 10, y).to(dev)
+        batch = next(batches, None)
+        if batch is None:  # the loader is used up: another epoch
+            batches = iter(loader)
+            batch = next(batches)
+        x0, y = batch
+        x0 = x0.to(dev)
+        y = torch.where(torch.rand(B) < 0.1, 10, y).to(dev)  # 10% null labels
         t = torch.randint(0, T, (B,), device=dev)
-        eps, ab = torch.randn_like(x0), abar[t].view(-1, 1, 1, 1)
-        loss = F.mse_loss(ref(ab.sqrt() * x0 + (1 - ab).sqrt() * eps, t, y), eps)
+        eps = torch.randn_like(x0)
+        ab = abar[t].view(-1, 1, 1, 1)
+        xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+        loss = F.mse_loss(ref(xt, t, y), eps)
         ref_opt.zero_grad()
         loss.backward()
         ref_opt.step()
@@ -95,10 +108,12 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
     x, y = images[:B].to(dev), labels[:B].to(dev)
     t_ref = timed(ref_step, steps, sync)
     t_ours = timed(lambda: mod.train_step(a, ours, opt, obj, x, y, a.lr), steps, sync)
-    print(f"{sum(q.numel() for q in ref.parameters()) / 1e6:.3g}M params (both), batch {B}, device {dev}\n"
-          f"train step   reference {t_ref:.3g} s ({B / t_ref:.0f} img/s)   ours {t_ours:.3g} s ({B / t_ours:.0f} img/s)"
+    n_params = sum(q.numel() for q in ref.parameters())
+    print(f"{n_params / 1e6:.3g}M params (both), batch {B}, device {dev}")
+    print(f"train step   reference {t_ref:.3g} s ({B / t_ref:.0f} img/s)   ours {t_ours:.3g} s ({B / t_ours:.0f} img/s)"
           f"   ours/reference speed {t_ref / t_ours:.3g}x")
-    y100, xs = torch.arange(100, device=dev) % 10, torch.randn(100, 1, 28, 28, device=dev)
+    y100 = torch.arange(100, device=dev) % 10
+    xs = torch.randn(100, 1, 28, 28, device=dev)
 
     @torch.no_grad()
     def ref_sample_step(t=T - 1):  # two forward passes, then the ancestral update
@@ -131,20 +146,26 @@ def main(argv=None):
     if b.compare:
         return compare(a, mod, model, ema, opt, obj, dev, sync, b.steps, b.ref_sample_steps)
     C, S, K = mod.DATA[a.dataset]
-    x, y, net = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1, torch.arange(a.batch_size, device=dev) % K, \
-        torch.compile(model) if a.compile else model
-    step = lambda: mod.train_step(a, net, opt, obj, x, y, a.lr)  # noqa: E731
+    x = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1
+    y = torch.arange(a.batch_size, device=dev) % K
+    net = torch.compile(model) if a.compile else model
+
+    def step():
+        return mod.train_step(a, net, opt, obj, x, y, a.lr)
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()  # forward + backward of one step
     dt = timed(step, b.steps, sync, warmup=5)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    mem = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if dev.type == "cuda":
+        mem = torch.cuda.max_memory_allocated(dev) / 2**30
+    else:
+        mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    mfu = f"{flops / dt / peak:.1%} of bf16 peak" if peak else "n/a"
     print(f"{b.script} on {name}: batch {a.batch_size}, step {dt * 1e3:.3g} ms, {a.batch_size / dt:.4g} img/s, "
           f"{flops / a.batch_size / 1e9:.3g} GFLOP/img, {flops / dt / 1e12:.3g} TFLOP/s, "
-          f"MFU {f'{flops / dt / peak:.1%} of bf16 peak' if peak else 'n/a'}, peak memory {mem:.3g} GiB")
+          f"MFU {mfu}, peak memory {mem:.3g} GiB")
     y100 = torch.arange(100, device=dev) % K
     t = timed(lambda: obj.sample(ema, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, amp=a.amp), 1, sync)
     print(f"100 samples, cfg {a.cfg_scales[-1]:g}, {a.sampler} {a.sample_steps} steps: {t:.3g} s")

@@ -6,6 +6,7 @@ import struct
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 # Set before torch is imported (by common below): a thread per core of the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -59,16 +60,17 @@ def fake_mnist(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fake_cifar(tmp_path_factory):
     """--data-dir holding cifar-10-batches-py: 5 train batches of 40 images, a test batch and batches.meta."""
-    import torchvision  # the fake batches cannot match torchvision's md5 sums of the real ones
-    cifar = torchvision.datasets.CIFAR10
-    cifar._check_integrity, cifar.meta = lambda self: True, {**cifar.meta, "md5": None}
+    cifar = torchvision.datasets.CIFAR10  # the fake batches cannot match torchvision's md5 sums of the real ones
+    cifar._check_integrity = lambda self: True
+    cifar.meta = {**cifar.meta, "md5": None}
     root = tmp_path_factory.mktemp("cifar")
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
     for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
         x, y = fake_images(40, size=32, channels=3, seed=i)
-        with open(folder / name, "wb") as f:  # rows of 3072 bytes, channel-planar, as in the real files
-            pickle.dump({"data": x.transpose(0, 3, 1, 2).reshape(40, -1), "labels": y.tolist()}, f)
+        rows = x.transpose(0, 3, 1, 2).reshape(40, -1)  # rows of 3072 bytes, channel-planar, as in the real files
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": rows, "labels": y.tolist()}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"class{k}" for k in range(10)]}, f)
     return str(root)

@@ -9,68 +9,106 @@ CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and samp
 Writes to --out-dir: per epoch a 10x10 grid (grid_eNNN.png; --cond: one per CFG scale, row = class), a GIF of the
 reverse process, ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz for evaluate.py.
 """
-import argparse, copy, math, shlex, time  # noqa: E401
+import argparse
+import copy
+import math
+import shlex
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
-                    lr_at, nonneg, parse_args, Parser, pick_device, positive, save_checkpoint, save_loss, save_samples,
-                    seed, size, stop_signals, timestep_embedding, train_step, UsageError, write_npz)
+from common import (
+    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset,
+    load_state, lr_at, nonneg, parse_args, Parser, pick_device, positive, save_checkpoint,
+    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, train_step,
+    UsageError, write_npz,
+)
 
-SCRIPT, DATA = "ddpm_unet", {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
-QUICK = dict(cond=True, base_channels=16, num_res_blocks=1, dropout=0.0, batch_size=32, max_steps=2500, lr=2e-3,
-             warmup_steps=100, cfg_scales=[1.5])  # --quick: under 5 min on 2 CPU cores
+SCRIPT = "ddpm_unet"
+DATA = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10), "cifar10": (3, 32, 10)}  # C, S, K
+QUICK = dict(  # --quick: under 5 min on 2 CPU cores
+    cond=True, base_channels=16, num_res_blocks=1, dropout=0.0,
+    batch_size=32, max_steps=2500, lr=2e-3, warmup_steps=100,
+    cfg_scales=[1.5],
+)
 
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
-    p.add_argument("--dataset", default="mnist", choices=DATA, help="cifar10 is trained with horizontal flips")
+    p.add_argument("--quick", action="store_true",
+                   help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
+    p.add_argument("--dataset", default="mnist", choices=DATA,
+                   help="cifar10 is trained with horizontal flips")
     p.add_argument("--data-dir", default="./data")
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--base-channels", type=size, default=64, help="width of the first level (CIFAR-10: 128)")
-    p.add_argument("--channel-mults", type=size, nargs="+", default=[1, 2, 2], help="width multiple per level")
-    p.add_argument("--num-res-blocks", type=size, default=2, help="residual blocks per level on the way down")
-    p.add_argument("--attn-res", type=size, nargs="*", default=[], help="resolutions with self-attention")
+    p.add_argument("--base-channels", type=size, default=64,
+                   help="width of the first level (CIFAR-10: 128)")
+    p.add_argument("--channel-mults", type=size, nargs="+", default=[1, 2, 2],
+                   help="width multiple per level")
+    p.add_argument("--num-res-blocks", type=size, default=2,
+                   help="residual blocks per level on the way down")
+    p.add_argument("--attn-res", type=size, nargs="*", default=[],
+                   help="resolutions with self-attention")
     p.add_argument("--dropout", type=fraction, default=0.1)
-    p.add_argument("--cond", action="store_true", help="class-conditional, with label dropout and CFG")
+    p.add_argument("--cond", action="store_true",
+                   help="class-conditional, with label dropout and CFG")
     p.add_argument("--timesteps", type=size, default=1000)
-    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
-    p.add_argument("--prediction", default="v", choices=["eps", "v", "x0"], help="what the network predicts")
-    p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
-    p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
+    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
+                   help="noise schedule ᾱ_t")
+    p.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
+                   help="what the network predicts")
+    p.add_argument("--snr-gamma", type=nonneg, default=0.0,
+                   help="min-SNR-γ loss weighting (0: plain MSE)")
+    p.add_argument("--label-dropout", type=fraction, default=0.1,
+                   help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=20)
-    p.add_argument("--max-steps", type=count, default=0, help="run length in steps, the LR schedule spans it (0: --epochs)")
+    p.add_argument("--max-steps", type=count, default=0,
+                   help="run length in steps, the LR schedule spans it (0: --epochs)")
     p.add_argument("--batch-size", type=size, default=128, help="per process")
-    p.add_argument("--lr", type=positive, default=2e-4, help="peak; linear warm-up, then cosine decay to 0")
+    p.add_argument("--lr", type=positive, default=2e-4,
+                   help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=0.0)
     p.add_argument("--warmup-steps", type=count, default=200)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on CUDA)")
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
-    p.add_argument("--log-every", type=size, default=50, help="progress line and loss.csv row every N steps")
-    p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
+    p.add_argument("--log-every", type=size, default=50,
+                   help="progress line and loss.csv row every N steps")
+    p.add_argument("--resume", default="",
+                   help="continue the run of this checkpoint (its flags come with it)")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=20, help="model evaluations for ddim and dpm++")
-    p.add_argument("--eta", type=nonneg, default=1.0, help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
-    p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
+    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"],
+                   help="ddpm: ancestral, all steps")
+    p.add_argument("--sample-steps", type=size, default=20,
+                   help="model evaluations for ddim and dpm++")
+    p.add_argument("--eta", type=nonneg, default=1.0,
+                   help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
+    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0],
+                   help="0: unconditional")
+    p.add_argument("--num-samples", type=count, default=0,
+                   help="write samples.npz with this many samples")
+    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz (--cond)")
     return p
 
 
 def check(a):  # the cross-flag checks argparse cannot make
     plan = resolutions(DATA[a.dataset][1], len(a.channel_mults))
-    for bad, msg in [(a.base_channels % 4, "--base-channels must be a multiple of 4 (GroupNorm groups)"),
-                     (plan[-1] < 2, f"--channel-mults: {len(plan)} levels shrink {plan[0]}x{plan[0]} below 2x2"),
-                     (set(a.attn_res) - set(plan), f"--attn-res must name resolutions of this UNet {plan}"),
-                     (a.sampler != "ddpm" and a.sample_steps > a.timesteps, "--sample-steps must be <= --timesteps"),
-                     (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH")]:
+    steps_fit = a.sampler == "ddpm" or a.sample_steps <= a.timesteps  # ddpm runs all T steps anyway
+    problems = [
+        (a.base_channels % 4, "--base-channels must be a multiple of 4 (GroupNorm groups)"),
+        (plan[-1] < 2, f"--channel-mults: {len(plan)} levels shrink {plan[0]}x{plan[0]} below 2x2"),
+        (set(a.attn_res) - set(plan), f"--attn-res must name resolutions of this UNet {plan}"),
+        (not steps_fit, "--sample-steps must be <= --timesteps"),
+        (a.sample_only and not a.ckpt, "--sample-only needs --ckpt PATH"),
+    ]
+    for bad, msg in problems:
         if bad:
             raise UsageError(msg)
 
@@ -78,11 +116,15 @@ def check(a):  # the cross-flag checks argparse cannot make
 # ----------------------------------------------------------------------------- model
 def resolutions(size, levels):
     """The UNet's resolution plan: the input zero-padded to a multiple of 2^(levels-1), halved once a level."""
-    return [-(-size // 2 ** (levels - 1)) * 2 ** (levels - 1) // 2 ** i for i in range(levels)]  # MNIST: 28, 14, 7
+    unit = 2 ** (levels - 1)
+    padded = -(-size // unit) * unit  # size rounded up to a multiple of unit
+    return [padded // 2 ** i for i in range(levels)]  # MNIST: 28, 14, 7
+
 
 def norm(ch):
     """GroupNorm: 32 groups as in DDPM once there are 4+ channels per group, fewer for narrow nets."""
     return nn.GroupNorm(math.gcd(32, ch // 4), ch)
+
 
 def zero_(conv):
     nn.init.zeros_(conv.weight)
@@ -94,11 +136,14 @@ class SelfAttention(nn.Module):
     """Single-head self-attention over the H*W positions of a feature map (as in DDPM), residual; proj starts at 0."""
     def __init__(self, ch):
         super().__init__()
-        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), zero_(nn.Conv2d(ch, ch, 1))
+        self.norm = norm(ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = zero_(nn.Conv2d(ch, ch, 1))
 
     def forward(self, x):  # (N, C, H, W)
         N, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(N, 3, C, H * W).transpose(2, 3).unbind(1)  # 3 x (N, HW, C)
+        qkv = self.qkv(self.norm(x)).view(N, 3, C, H * W).transpose(2, 3)  # (N, 3, HW, C)
+        q, k, v = qkv.unbind(1)  # 3 x (N, HW, C)
         h = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C) v
         return x + self.proj(h.transpose(1, 2).reshape(N, C, H, W))
 
@@ -107,48 +152,68 @@ class ResBlock(nn.Module):
     """norm-SiLU-conv, + embedding of (t, y), norm-SiLU-dropout-conv, + skip; then optional self-attention."""
     def __init__(self, cin, cout, emb_dim, dropout, attn=False):
         super().__init__()
-        self.norm1, self.conv1, self.emb = norm(cin), nn.Conv2d(cin, cout, 3, padding=1), nn.Linear(emb_dim, cout)
-        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
-        # zero last conv: the residual branch adds 0, so each block starts as its skip path (the identity when
-        # cin == cout) and the deep net starts shallow; gradients still reach conv2, which opens the branch
+        self.norm1 = norm(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, cout)
+        self.norm2 = norm(cout)
+        self.drop = nn.Dropout(dropout)
+        # zero last conv: the residual branch adds 0, so each block starts as its skip path (the
+        # identity when cin == cout) and the deep net starts shallow; gradients still reach conv2,
+        # which opens the branch
         self.conv2 = zero_(nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
         self.attn = SelfAttention(cout) if attn else nn.Identity()
 
     def forward(self, x, emb):  # x (N, Cin, H, W), emb (N, E)
-        h = self.conv1(F.silu(self.norm1(x))) + self.emb(F.silu(emb))[:, :, None, None]  # + a shift per channel
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(F.silu(emb))[:, :, None, None]  # + a shift per channel
         h = self.conv2(self.drop(F.silu(self.norm2(h))))
         return self.attn(self.skip(x) + h)
 
 
 class UNet(nn.Module):
     """DDPM's UNet: down path saving every activation, middle (res, attn, res), up path eating them as skips."""
-    def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(), dropout=0.1,
-                 num_classes=0):
+    def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(),
+                 dropout=0.1, num_classes=0):
         super().__init__()
-        self.img_size, self.channels, self.base, self.size = img_size, channels, base, resolutions(img_size, len(mults))[0]
-        self.num_classes, self.cond, E = num_classes, num_classes > 0, 4 * base  # label `num_classes`: CFG's null
+        self.img_size = img_size
+        self.channels = channels
+        self.base = base
+        self.size = resolutions(img_size, len(mults))[0]  # the padded input size
+        self.num_classes = num_classes  # label `num_classes`: CFG's null
+        self.cond = num_classes > 0
+        E = 4 * base  # embedding width
         self.t_mlp = nn.Sequential(nn.Linear(base, E), nn.SiLU(), nn.Linear(E, E))
         self.y_embed = nn.Embedding(num_classes + 1, E) if self.cond else None
         self.conv_in = nn.Conv2d(channels, base, 3, padding=1)
-        self.down, self.up, chans, ch, res = nn.ModuleList(), nn.ModuleList(), [base], base, self.size
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        chans = [base]  # the channels of every saved activation, for the up path's skips
+        ch = base
+        res = self.size
         for i, m in enumerate(mults):
             for _ in range(num_res):
                 self.down.append(ResBlock(ch, base * m, E, dropout, res in attn_res))
-                chans.append(ch := base * m)
+                ch = base * m
+                chans.append(ch)
             if i < len(mults) - 1:
                 self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))  # (N, C, H/2, W/2)
                 chans.append(ch)
                 res //= 2
-        self.mid = nn.ModuleList([ResBlock(ch, ch, E, dropout, attn=True), ResBlock(ch, ch, E, dropout)])
+        self.mid = nn.ModuleList([
+            ResBlock(ch, ch, E, dropout, attn=True),
+            ResBlock(ch, ch, E, dropout),
+        ])
         for i, m in reversed(list(enumerate(mults))):
-            for _ in range(num_res + 1):  # one more than down: the strided conv output is a skip too
+            for _ in range(num_res + 1):  # one more than down: the strided conv's output is a skip
                 self.up.append(ResBlock(ch + chans.pop(), base * m, E, dropout, res in attn_res))
                 ch = base * m
             if i > 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), nn.Conv2d(ch, ch, 3, padding=1)))  # 2H, 2W
+                conv = nn.Conv2d(ch, ch, 3, padding=1)
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2), conv))  # (N, C, 2H, 2W)
                 res *= 2
-        # zero output conv: with the zero-initialised residual branches the untrained UNet predicts exactly ε = 0
+        # zero output conv: with the zero-initialised residual branches the untrained UNet predicts
+        # exactly ε = 0
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_(nn.Conv2d(ch, channels, 3, padding=1)))
 
     def embed(self, t, y=None):  # (N,) timestep index, (N,) label or null -> (N, 4*base)
@@ -157,8 +222,10 @@ class UNet(nn.Module):
 
     def forward(self, x, t, y=None):  # x (N, C, S, S) -> ε prediction of the same shape
         p = self.size - self.img_size
-        x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2))  # zeros up to the plan's size (N, C, size, size)
-        h, emb = self.conv_in(x), self.embed(t, y)
+        lo, hi = p // 2, p - p // 2  # the zero padding before and after, on each side
+        x = F.pad(x, (lo, hi, lo, hi))  # zeros up to the plan's size (N, C, size, size)
+        h = self.conv_in(x)
+        emb = self.embed(t, y)
         skips = [h]
         for blk in self.down:  # ResBlocks take the embedding, the strided convs only h
             h = blk(h, emb) if isinstance(blk, ResBlock) else blk(h)
@@ -167,20 +234,25 @@ class UNet(nn.Module):
             h = blk(h, emb)
         for blk in self.up:
             h = blk(torch.cat([h, skips.pop()], 1), emb) if isinstance(blk, ResBlock) else blk(h)
-        return self.out(h)[:, :, p // 2:p // 2 + self.img_size, p // 2:p // 2 + self.img_size]  # crop the padding
+        return self.out(h)[:, :, lo:lo + self.img_size, lo:lo + self.img_size]  # crop the padding
 
 
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
     """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
-    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
-                 num_classes=10, device="cpu"):
-        self.T, self.prediction, self.snr_gamma = timesteps, prediction, snr_gamma
-        self.label_dropout, self.null = label_dropout, num_classes  # label `num_classes` is the null label
-        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
+    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0,
+                 label_dropout=0.1, num_classes=10, device="cpu"):
+        self.T = timesteps
+        self.prediction = prediction
+        self.snr_gamma = snr_gamma
+        self.label_dropout = label_dropout
+        self.null = num_classes  # label `num_classes` is the null label
+        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400,
+            # the image still shows
             betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
         else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
-            f = torch.cos((torch.arange(timesteps + 1, dtype=torch.float64) / timesteps + 0.008) / 1.008 * math.pi / 2) ** 2
+            s = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+            f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
             betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
         self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
@@ -191,55 +263,78 @@ class Diffusion:
         eps = torch.randn_like(x0)
         ab = self.abar[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
-        target = {"eps": eps, "v": ab.sqrt() * eps - (1 - ab).sqrt() * x0, "x0": x0}[self.prediction]  # v = √ᾱ ε - √(1-ᾱ) x0
+        v = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v = √ᾱ ε - √(1-ᾱ) x0
+        target = {"eps": eps, "v": v, "x0": x0}[self.prediction]
         mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
         return (self.weight(ab.flatten()) * mse).mean()
 
     def weight(self, ab):
         """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
+        # ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
+        snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ)
         units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
         return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(ab)
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
         ab = self.abar[t]
-        x0 = {"eps": lambda: (x - (1 - ab).sqrt() * out) / ab.sqrt(), "v": lambda: ab.sqrt() * x - (1 - ab).sqrt() * out,
-              "x0": lambda: out}[self.prediction]().clamp(-1, 1)
-        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        if self.prediction == "eps":
+            x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()  # x0 = (x - √(1-ᾱ) ε) / √ᾱ
+        elif self.prediction == "v":
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out  # x0 = √ᾱ x - √(1-ᾱ) v
+        else:
+            x0 = out
+        x0 = x0.clamp(-1, 1)
+        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # ε = (x - √ᾱ x0) / √(1-ᾱ)
 
     def guided(self, model, x, t, y, scale, amp=False):
         """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
-        tt, null = torch.full((len(y),), t, device=y.device), torch.full_like(y, self.null)
+        tt = torch.full((len(y),), t, device=y.device)
+        null = torch.full_like(y, self.null)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
             if not model.cond:  # an unconditional UNet: one forward, nothing to guide
                 return model(x, tt).float()
-            cond, uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
+            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
+            cond, uncond = out.float().chunk(2)
         return uncond + scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0, amp=False):
+    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0,
+               amp=False):
         """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process). ddpm: ancestral over
         all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
         shape = (len(y), model.channels, model.img_size, model.img_size)
         x = torch.randn(shape, device=y.device, generator=gen)
-        n, eta = (self.T, 1.0) if sampler == "ddpm" else (steps, eta)  # ddpm: every step T-1, ..., 0, with η = 1
-        ts = torch.linspace(self.T - 1, 0, n).round().long().tolist() + [-1]  # the n steps, then the clean image
-        snaps, every, x0_prev = [x], max(1, n // frames) if frames else 0, None
+        n = steps
+        if sampler == "ddpm":  # every step T-1, ..., 0, with η = 1
+            n = self.T
+            eta = 1.0
+        ts = torch.linspace(self.T - 1, 0, n).round().long().tolist()  # the n steps
+        ts.append(-1)  # then the clean image
+        snaps = [x]
+        every = max(1, n // frames) if frames else 0  # a snapshot every `every` steps
+        x0_prev, h_prev = None, None  # dpm++: the previous step's x0 estimate and h
         for i, (t, s) in enumerate(zip(ts, ts[1:])):  # from step t to the next one, s
-            ab, ab_s = self.abar[t], self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
-            x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
-            if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
-                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ at the clean image
-                D, r = x0, h_prev / h if x0_prev is not None else 1.0  # D = x0_i: 1st order (first step, into t <= 0)
-                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}, r = h_{i-1} / h_i
+            ab = self.abar[t]
+            ab_s = self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
+            out = self.guided(model, x, t, y, scale, amp)
+            x0, eps = self.denoise(out, x, t)
+            if sampler == "dpm++":  # multistep in λ on the data prediction (Lu et al. 2022)
+                # λ = log(√ᾱ / √(1-ᾱ)); h = λ_s - λ_t, +∞ at the clean image
+                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))
+                D = x0  # 1st order: D = x0_i (the first step, and the step into t <= 0)
+                if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}
+                    r = h_prev / h  # r = h_{i-1} / h_i
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-                x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D  # σ_s/σ_t x - α_s (e^{-h} - 1) D
+                # x_s = σ_s/σ_t x_t - α_s (e^{-h} - 1) D
+                x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D
                 x0_prev, h_prev = x0, h
-            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
+            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z
+                # σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
                 sigma = eta * ((1 - ab_s) / (1 - ab) * (1 - ab / ab_s)).sqrt()
                 noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
-                x = ab_s.sqrt() * x0 + (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
+                dir_eps = (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps  # √(1-ᾱ_s-σ²) ε
+                x = ab_s.sqrt() * x0 + dir_eps + sigma * noise
             if frames and ((i + 1) % every == 0 or s < 0):
                 snaps.append(x)
         return x.clamp(-1, 1), snaps
@@ -251,49 +346,81 @@ def outputs(a, obj, ema, dev, tag, npz=False):
     def draw(y, scale, gen, frames=0):
         return obj.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
     if tag:
-        save_samples(draw, dev, 10, a.cfg_scales if ema.num_classes else None, a.out_dir, tag, a.seed)
+        scales = a.cfg_scales if ema.num_classes else None  # unconditional: one grid
+        save_samples(draw, dev, 10, scales, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
-        write_npz(draw, dev, a.num_samples, ema.num_classes, a.cfg_scales[0], a.out_dir, a.seed, sampler=a.sampler,
-                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
+        steps = a.timesteps if a.sampler == "ddpm" else a.sample_steps  # ddpm runs all T steps
+        write_npz(draw, dev, a.num_samples, ema.num_classes, a.sample_cfg, a.out_dir, a.seed,
+                  sampler=a.sampler, sample_steps=steps, eta=a.eta)
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
-    (x_all, y_all), B, path = [t.to(dev) for t in data], a.batch_size, f"{a.out_dir}/ckpt.pt"
-    per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total, say = a.max_steps or a.epochs * per_epoch, print if rank == 0 else lambda *_, **__: None  # LR spans it
-    step, log, (acc, n) = (ckpt["step"], ckpt["loss_log"], ckpt["loss_acc"]) if ckpt else (0, [], (0.0, 0))
-    acc, s0, t0, halt = torch.tensor(acc).to(dev), step, time.time(), False
+    x_all, y_all = [t.to(dev) for t in data]
+    B = a.batch_size
+    path = f"{a.out_dir}/ckpt.pt"
+    # steps an epoch: every rank takes its own B images of the shared permutation
+    per_epoch = len(x_all) // (B * world)
+    total = a.max_steps or a.epochs * per_epoch  # the LR schedule spans it
+    say = print if rank == 0 else lambda *_, **__: None
+    if ckpt:  # resume: the step, the loss log and the loss summed since its last row
+        step = ckpt["step"]
+        log = ckpt["loss_log"]
+        acc, n = ckpt["loss_acc"]
+    else:
+        step = 0
+        log = []
+        acc, n = 0.0, 0
+    acc = torch.tensor(acc).to(dev)
+    t0, s0 = time.time(), step  # img/s and ETA count from here
+    halt = False
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
-    say(f"training {sum(p.numel() for p in model.parameters()) / 1e6:.3g}M params on {len(x_all)} images, {world} "
-        f"process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"training {n_params / 1e6:.3g}M params on {len(x_all)} images, "
+        f"{world} process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
     with stop_signals() as stop:
         while step < total and not halt:
             epoch, i0 = divmod(step, per_epoch)
-            perm = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(a.seed * 1000 + epoch)).to(dev)
+            order = torch.Generator().manual_seed(a.seed * 1000 + epoch)  # the same on every rank
+            perm = torch.randperm(len(x_all), generator=order).to(dev)
             for i in range(i0, per_epoch):
-                idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
+                first = (i * world + rank) * B
+                idx = perm[first:first + B]
                 x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-                x = torch.where(torch.rand(len(x), 1, 1, 1, device=dev) < 0.5, x.flip(3), x) if a.dataset == "cifar10" else x
-                acc += train_step(a, net, opt, obj, x, y_all[idx], lr_at(step, a.lr, a.warmup_steps, total))
+                if a.dataset == "cifar10":  # random horizontal flips
+                    flip = torch.rand(len(x), 1, 1, 1, device=dev) < 0.5
+                    x = torch.where(flip, x.flip(3), x)
+                lr = lr_at(step, a.lr, a.warmup_steps, total)
+                acc += train_step(a, net, opt, obj, x, y_all[idx], lr)
                 ema_update(ema, model, step, 0.9999)
-                step, n = step + 1, n + 1
+                step += 1
+                n += 1
                 if step % a.log_every == 0 or step == total:
-                    log.append((step, acc.item() / n))  # the only host sync
-                    if not math.isfinite(log[-1][1]):
-                        raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
+                    loss = acc.item() / n  # the only host sync
+                    log.append((step, loss))
+                    if not math.isfinite(loss):
+                        raise UsageError(f"loss is {loss} at step {step}; stopped (try a lower --lr)", 1)
                     ips = (step - s0) * B * world / (time.time() - t0)
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} img/s {ips:.0f} "
-                        f"eta {(total - step) * B * world / ips / 60:.1f} min", flush=True)
+                    minutes_left = (total - step) * B * world / ips / 60
+                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} "
+                        f"loss {loss:.4f} img/s {ips:.0f} eta {minutes_left:.1f} min", flush=True)
                     acc, n = acc * 0, 0
-                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
+                # the stop request halts every rank at the same step
+                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)
                 if step == total or halt:
                     break
             if rank == 0:  # the checkpoint first: sampling cannot lose it
-                rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), loss_log=log, loss_acc=(acc.item(), n),
-                                     model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng), path)
+                rng = [torch.get_rng_state()]
+                if dev.type == "cuda":
+                    rng += torch.cuda.get_rng_state_all()
+                state = dict(
+                    script=SCRIPT, step=step, args=vars(a),
+                    loss_log=log, loss_acc=(acc.item(), n),
+                    model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                    rng=rng,
+                )
+                save_checkpoint(state, path)
                 save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
                 if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
                     outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
@@ -301,7 +428,8 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
     halt = halt or bool(stop)  # a signal during the last save stops the run too
     if halt:
         launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
+        command = f"{launcher} {SCRIPT}.py --resume {shlex.quote(path)}"
+        say(f"stopped at step {step}; resume with:\n  {command}")
     return halt
 
 
@@ -309,15 +437,18 @@ def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
     K *= a.cond  # 0: unconditional
-    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout, K).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout,
+                 num_classes=K).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
+                            fused=dev.type == "cuda")
     obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev)
-    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    return model, ema, opt, obj
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: that run's flags
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
@@ -330,9 +461,11 @@ def main(argv=None):
     data = None if a.sample_only else load_dataset(a.dataset, a.data_dir, DATA[a.dataset], a.batch_size * world)
     if rank == 0:
         claim_out_dir(a)
-    halted = not a.sample_only and train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
-    leave_group(world)  # under torchrun every rank leaves together; rank 0 alone writes the last outputs
-    if rank == 0 and not halted:
+    halted = False
+    if not a.sample_only:
+        halted = train(a, model, ema, opt, obj, data, ckpt if a.resume else None, dev, rank, world)
+    leave_group(world)  # under torchrun every rank leaves together
+    if rank == 0 and not halted:  # rank 0 alone writes the last outputs
         outputs(a, obj, ema, dev, "sample" if a.sample_only else None, npz=True)
         print(f"done; outputs in {a.out_dir}")
 

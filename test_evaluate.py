@@ -27,8 +27,8 @@ def run(argv, capsys):
 # ----------------------------------------------------------------------------- Fréchet distance
 def test_frechet_distance_diagonal():
     # commuting covariances: Tr((Σ1 Σ2)^½) = Σ √(a_i b_i) = √(1·4) + √(4·9) = 8; ||μ1 - μ2||² = 1 + 4
-    mu1, s1, mu2, s2 = torch.zeros(2), torch.diag(torch.tensor([1.0, 4.0])), torch.tensor([1.0, 2.0]), \
-        torch.diag(torch.tensor([4.0, 9.0]))
+    mu1, s1 = torch.zeros(2), torch.diag(torch.tensor([1.0, 4.0]))
+    mu2, s2 = torch.tensor([1.0, 2.0]), torch.diag(torch.tensor([4.0, 9.0]))
     assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(5 + (1 + 4) + (4 + 9) - 2 * 8, abs=1e-12)
     assert evaluate.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0, abs=1e-12)
 
@@ -40,11 +40,15 @@ def test_frechet_distance_diagonal():
 def test_frechet_distance_non_commuting_2x2(s1, s2):
     # a 2x2 matrix M with eigenvalues >= 0 has √M = (M + √det(M) I) / √(tr M + 2 √det M), so
     # Tr(√M) = √(tr M + 2 √det M): a closed form independent of any eigendecomposition
-    s1, s2 = torch.tensor(s1, dtype=torch.float64), torch.tensor(s2, dtype=torch.float64)
+    s1 = torch.tensor(s1, dtype=torch.float64)
+    s2 = torch.tensor(s2, dtype=torch.float64)
     assert not torch.allclose(s1 @ s2, s2 @ s1)
-    det = lambda s: (s[0, 0] * s[1, 1] - s[0, 1] * s[1, 0]).item()  # noqa: E731  2x2, exact for these entries
+
+    def det(s):  # 2x2, exact for these entries
+        return (s[0, 0] * s[1, 1] - s[0, 1] * s[1, 0]).item()
     tr_sqrt = math.sqrt((s1 @ s2).trace() + 2 * math.sqrt(det(s1) * det(s2)))  # det(Σ1 Σ2) = det Σ1 det Σ2
-    mu1, mu2 = torch.tensor([0.5, -1.0]), torch.tensor([2.0, 1.0])
+    mu1 = torch.tensor([0.5, -1.0])
+    mu2 = torch.tensor([2.0, 1.0])
     want = (1.5 ** 2 + 2 ** 2) + s1.trace() + s2.trace() - 2 * tr_sqrt
     assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want.item(), abs=1e-9)
 
@@ -52,13 +56,16 @@ def test_frechet_distance_non_commuting_2x2(s1, s2):
 def test_frechet_distance_matches_denman_beavers():
     # 6-d random covariances; reference √(Σ1 Σ2) by the Denman-Beavers iteration (inverses, no eigenvalues)
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, 6, generator=g, dtype=torch.float64)
-    s1, s2 = a @ a.T + 0.1 * torch.eye(6), b @ b.T + 0.1 * torch.eye(6)
-    y, z = s1 @ s2, torch.eye(6, dtype=torch.float64)
-    for _ in range(50):
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    s1 = a @ a.T + 0.1 * torch.eye(6)
+    s2 = b @ b.T + 0.1 * torch.eye(6)
+    y, z = s1 @ s2, torch.eye(6, dtype=torch.float64)  # Y_0 = A, Z_0 = I
+    for _ in range(50):  # Y -> √A, Z -> A^-½; both from the previous pair
         y, z = (y + torch.linalg.inv(z)) / 2, (z + torch.linalg.inv(y)) / 2
     assert torch.allclose(y @ y, s1 @ s2, atol=1e-8)
-    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    mu1 = torch.randn(6, generator=g, dtype=torch.float64)
+    mu2 = torch.zeros(6, dtype=torch.float64)
     want = (mu1 - mu2).square().sum() + (s1 + s2 - 2 * y).trace()
     assert evaluate.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want.item(), rel=1e-9)
 
@@ -66,7 +73,8 @@ def test_frechet_distance_matches_denman_beavers():
 def test_gaussian_matches_numpy():
     f = torch.randn(50, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     mu, cov = evaluate.gaussian(f)
-    assert np.allclose(mu.numpy(), f.numpy().mean(0)) and np.allclose(cov.numpy(), np.cov(f.numpy(), rowvar=False))
+    assert np.allclose(mu.numpy(), f.numpy().mean(0))
+    assert np.allclose(cov.numpy(), np.cov(f.numpy(), rowvar=False))
 
 
 # ----------------------------------------------------------------------------- precision / recall
@@ -93,21 +101,25 @@ def write_npz(path, **arrays):
 
 def test_real_test_images_score_perfect_and_noise_does_not(fake_mnist, cache, tmp_path, capsys):
     x, y = common.load_dataset("mnist", fake_mnist, evaluate.DATA_SHAPES["mnist"], train=False)
-    real = write_npz(tmp_path / "real.npz", x=x.numpy().astype(np.float32) / 255, y=y.numpy(), cfg_scale=3.0)
+    images = x.numpy().astype(np.float32) / 255
+    real = write_npz(tmp_path / "real.npz", x=images, y=y.numpy(), cfg_scale=3.0)
     code, out = run([real, "--data-dir", fake_mnist, "--cache-dir", cache] + FAST, capsys)
     assert code == 0, out
     r = json.load(open(tmp_path / "real.eval.json"))
-    assert abs(r["fid"]) < 1e-6 and r["precision"] == 1.0 and r["recall"] == 1.0
+    assert abs(r["fid"]) < 1e-6
+    assert r["precision"] == 1.0 and r["recall"] == 1.0
     assert r["class_accuracy"] == r["classifier_test_accuracy"]  # the same images the classifier was tested on
-    assert r["fid_floor"] > 0.1 and r["n_floor"] == 64 and r["meta"] == {"cfg_scale": 3.0}
+    assert r["fid_floor"] > 0.1 and r["n_floor"] == 64
+    assert r["meta"] == {"cfg_scale": 3.0}
     assert "FID floor" in out and "precision" in out and "cfg_scale 3.0" in out
 
     noise = np.random.default_rng(0).random((64, 1, 28, 28), dtype=np.float32)  # unconditional: no y
-    code, out = run([write_npz(tmp_path / "noise.npz", x=noise), "--data-dir", fake_mnist, "--cache-dir", cache]
-                    + FAST, capsys)
+    noisy = write_npz(tmp_path / "noise.npz", x=noise)
+    code, out = run([noisy, "--data-dir", fake_mnist, "--cache-dir", cache] + FAST, capsys)
     assert code == 0, out
     r = json.load(open(tmp_path / "noise.eval.json"))
-    assert r["fid"] > 10 * r["fid_floor"] and r["precision"] < 0.1 and r["class_accuracy"] is None
+    assert r["fid"] > 10 * r["fid_floor"] and r["precision"] < 0.1
+    assert r["class_accuracy"] is None
     assert "n/a" in out
 
 
@@ -119,7 +131,8 @@ def test_classifier_is_cached_and_deterministic(fake_mnist, tmp_path, capsys, mo
     assert code == 0 and "training the classifier" in out and "test accuracy" in out, out
     assert "classifier 64/128 img/s " in out and "classifier 128/128 img/s " in out  # progress: images seen / total
     (path,) = glob.glob(str(tmp_path / "c1" / "classifier-mnist-*.pt"))
-    mtime, first = os.path.getmtime(path), json.load(open(tmp_path / "s.eval.json"))
+    mtime = os.path.getmtime(path)
+    first = json.load(open(tmp_path / "s.eval.json"))
 
     def no_training(*a, **k):
         raise AssertionError("retrained although the cache holds this classifier")
@@ -127,13 +140,15 @@ def test_classifier_is_cached_and_deterministic(fake_mnist, tmp_path, capsys, mo
         m.setattr(evaluate, "train_classifier", no_training)
         code, out = run(argv + ["--cache-dir", str(tmp_path / "c1")], capsys)
     assert code == 0 and "cached" in out and "training" not in out, out
-    assert os.path.getmtime(path) == mtime and json.load(open(tmp_path / "s.eval.json")) == first
+    assert os.path.getmtime(path) == mtime
+    assert json.load(open(tmp_path / "s.eval.json")) == first
 
     # same settings elsewhere: bit-identical weights; other settings: another file
     assert run(argv + ["--cache-dir", str(tmp_path / "c2")], capsys)[0] == 0
     (path2,) = glob.glob(str(tmp_path / "c2" / "classifier-mnist-*.pt"))
     assert os.path.basename(path2) == os.path.basename(path)
-    w1, w2 = torch.load(path, weights_only=True)["model"], torch.load(path2, weights_only=True)["model"]
+    w1 = torch.load(path, weights_only=True)["model"]
+    w2 = torch.load(path2, weights_only=True)["model"]
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
     assert run(argv + ["--cache-dir", str(tmp_path / "c1"), "--max-train", "32"], capsys)[0] == 0
     assert len(glob.glob(str(tmp_path / "c1" / "classifier-mnist-*.pt"))) == 2
@@ -179,7 +194,8 @@ def test_bad_input_exit_2(make, words, fake_mnist, tmp_path, capsys):
     cache = tmp_path / "cache"
     code, out = run([str(p), "--data-dir", fake_mnist, "--cache-dir", str(cache)] + FAST, capsys)
     assert code == 2 and words in out, out
-    assert not (tmp_path / "bad.eval.json").is_file() and not cache.exists()  # nothing computed, nothing written
+    assert not (tmp_path / "bad.eval.json").is_file()  # nothing computed
+    assert not cache.exists()  # nothing written
 
 
 def test_bad_dataset_exit_2(tmp_path, capsys):
@@ -188,7 +204,8 @@ def test_bad_dataset_exit_2(tmp_path, capsys):
 
 
 def test_cli_one_line_on_stderr(tmp_path):
-    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "missing.npz")], capture_output=True,
-                       text=True, cwd=os.path.dirname(os.path.abspath(evaluate.__file__)))
+    here = os.path.dirname(os.path.abspath(evaluate.__file__))
+    r = subprocess.run([sys.executable, "evaluate.py", str(tmp_path / "missing.npz")], capture_output=True, text=True,
+                       cwd=here)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: samples file") and r.stderr.count("\n") == 1

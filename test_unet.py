@@ -4,6 +4,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import common
 import ddpm_unet as du
@@ -31,7 +32,8 @@ def test_shapes_and_zero_output(size, channels, mults, attn_res, classes, padded
     assert m.size == padded
     n_attn = sum(isinstance(b, du.SelfAttention) for b in m.modules())
     assert n_attn == 1 + 3 * len(attn_res)  # the middle, then 1 block down and 2 up at each --attn-res
-    x, t = torch.randn(3, channels, size, size), torch.tensor([0, 7, 19])
+    x = torch.randn(3, channels, size, size)
+    t = torch.tensor([0, 7, 19])
     y = torch.tensor([1, 2, 10]) if classes else None
     out = m(x, t, y)
     assert out.shape == (3, channels, size, size)
@@ -42,7 +44,8 @@ def test_shapes_and_zero_output(size, channels, mults, attn_res, classes, padded
 
 def test_blocks_start_as_identity():
     torch.manual_seed(0)
-    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 32)
+    x = torch.randn(2, 8, 6, 6)
+    emb = torch.randn(2, 32)
     blk = du.ResBlock(8, 8, 32, dropout=0.0, attn=True)  # zero conv2 and zero attention projection
     assert torch.equal(blk(x, emb), x)
     wider = du.ResBlock(8, 16, 32, dropout=0.0)
@@ -67,7 +70,8 @@ def test_timestep_and_class_embedding():
     y = torch.tensor([3, 3, 3, 10])
     emb = m.embed(t, y)
     assert emb.shape == (4, 32)  # 4 * base channels
-    assert torch.equal(emb[0], emb[1]) and not torch.allclose(emb[1], emb[2])  # same (t, y), then another t
+    assert torch.equal(emb[0], emb[1])  # the same (t, y)
+    assert not torch.allclose(emb[1], emb[2])  # another t
     assert not torch.allclose(m.embed(t, torch.full_like(y, 10)), emb)  # the null class changes it too
     assert torch.allclose(m.t_mlp(common.timestep_embedding(t, 8)) + m.y_embed(y), emb)
     x = torch.randn(1, 1, 28, 28).repeat(2, 1, 1, 1)
@@ -79,7 +83,8 @@ def test_tiny_unet_learns():
     torch.manual_seed(0)
     x0 = -torch.ones(8, 1, 28, 28)
     x0[:, :, 8:20, 12:16] = 1  # one bar
-    m, d = tiny_unet(), du.Diffusion(100, num_classes=0)
+    m = tiny_unet()
+    d = du.Diffusion(100, num_classes=0)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
@@ -96,12 +101,13 @@ def test_tiny_unet_learns():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
 def test_same_diffusion_as_dit_ddpm(sampler):
     """A conditional UNet samples exactly as dit_ddpm.py's Diffusion samples it, for every sampler and target."""
-    m, y = randomise(tiny_unet(classes=10)), torch.tensor([0, 3])
+    m = randomise(tiny_unet(classes=10))
+    y = torch.tensor([0, 3])
     m.grid, m.patch = 1, 28  # the image size as dit_ddpm.py's sampler reads it from a DiT
     for prediction in ("eps", "v"):
         ours, theirs = (mod.Diffusion(20, "cosine", prediction, 5.0, 0.1, 10) for mod in (du, dit_ddpm))
-        a = ours.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))[0]
-        b = theirs.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))[0]
+        a, _ = ours.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
+        b, _ = theirs.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
         torch.manual_seed(0)
         la = ours.loss(m, torch.rand(2, 1, 28, 28), y)
@@ -110,31 +116,37 @@ def test_same_diffusion_as_dit_ddpm(sampler):
 
 
 def test_unconditional_unet_is_one_forward_whatever_the_scale():
-    m, d = randomise(tiny_unet()), du.Diffusion(20, num_classes=0)
-    x, y = torch.randn(3, 1, 28, 28), torch.zeros(3, dtype=torch.long)
+    m = randomise(tiny_unet())
+    d = du.Diffusion(20, num_classes=0)
+    x = torch.randn(3, 1, 28, 28)
+    y = torch.zeros(3, dtype=torch.long)
     for scale in (0.0, 3.0):
         assert torch.equal(d.guided(m, x, 7, y, scale), m(x, torch.full((3,), 7)))
     x, _ = d.sample(m, y, 1.0, "ddim", 4, gen=torch.Generator().manual_seed(0))
-    assert x.shape == (3, 1, 28, 28) and torch.isfinite(x).all()
+    assert x.shape == (3, 1, 28, 28)
+    assert torch.isfinite(x).all()
 
 
 # ----------------------------------------------------------------------------- CLI: CIFAR-10
 def test_cli_cifar_conditional(fake_cifar, tmp_path):
     out = str(tmp_path / "run")
-    assert run_main(du, TINY + ["--dataset", "cifar10", "--data-dir", fake_cifar, "--out-dir", out, "--cond", "--attn-res",
-                                "8", "--max-steps", "2", "--num-samples", "5", "--cfg-scales", "0", "3"]) == 0
-    for f in ["grid_e001_cfg0.png", "grid_e001_cfg3.png", "denoise_e001.gif", "ckpt.pt", "loss.csv", "loss.png",
-              "samples.npz"]:
+    argv = TINY + ["--dataset", "cifar10", "--data-dir", fake_cifar, "--out-dir", out, "--cond",
+                   "--attn-res", "8", "--max-steps", "2", "--num-samples", "5", "--cfg-scales", "0", "3"]
+    assert run_main(du, argv) == 0
+    written = ["grid_e001_cfg0.png", "grid_e001_cfg3.png", "denoise_e001.gif", "ckpt.pt", "loss.csv", "loss.png",
+               "samples.npz"]
+    for f in written:
         assert os.path.isfile(os.path.join(out, f)), f
     s = np.load(os.path.join(out, "samples.npz"))
-    assert s["x"].shape == (5, 3, 32, 32) and list(s["y"]) == [0, 1, 2, 3, 4] and float(s["cfg_scale"]) == 0
-    from PIL import Image
+    assert s["x"].shape == (5, 3, 32, 32)
+    assert list(s["y"]) == [0, 1, 2, 3, 4]
+    assert float(s["cfg_scale"]) == 1.5  # --sample-cfg, not the first of --cfg-scales
     assert Image.open(os.path.join(out, "grid_e001_cfg3.png")).mode == "RGB"
 
 
 def test_unconditional_outputs(fake_mnist, tmp_path):
     out = tmp_path / "run"
-    assert run_main(du, TINY + ["--data-dir", fake_mnist, "--out-dir", str(out), "--max-steps", "2",
-                                "--num-samples", "3"]) == 0
+    argv = TINY + ["--data-dir", fake_mnist, "--out-dir", str(out), "--max-steps", "2", "--num-samples", "3"]
+    assert run_main(du, argv) == 0
     assert {"grid_e001.png", "denoise_e001.gif"} <= set(os.listdir(out))  # one 10x10 grid, no CFG scales
     assert "y" not in np.load(out / "samples.npz").files
