@@ -4,6 +4,7 @@ reference-article-style implementation. Writes nothing.
     python bench.py dit_ddpm --device cuda --batch-size 1024 --compile   # the script's own flags follow its name
     python bench.py ddpm_unet --quick --device cpu
     python bench.py dit_ddpm --compare --device cpu --batch-size 64     # ours vs the reference style, ~5 min on 2 cores
+    python bench.py dit_ddpm --quick --compare-attention --device cpu  # written-out attention vs nn.MultiheadAttention
 
 Prints img/s, step time, GFLOP per image (counted by torch), TFLOP/s, MFU against the GPU's dense bf16 peak, peak
 memory, and the time of 100 guided samples. The reference style is what most DiT-on-MNIST write-ups do: timm-style
@@ -128,12 +129,50 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
           f"DDIM-50, batched CFG {t_ours:.3g} s   speed-up {t_ref / t_ours:.3g}x")
 
 
+# ----------------------------------------------------------------------------- attention: written out or fused
+class FusedAttention(nn.Module):
+    """torch's nn.MultiheadAttention behind the DiT's Attention interface: the same maths in one module."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, x):  # (N, T, D)
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+def compare_attention(a, mod, dev, sync, steps, rounds=3):
+    """Train-step time of the DiT with its written-out Attention and with nn.MultiheadAttention, timed in turns."""
+    C, S, K = mod.DATA[a.dataset]
+    x = torch.rand(a.batch_size, C, S, S, device=dev) * 2 - 1
+    y = torch.arange(a.batch_size, device=dev) % K
+    runs = {}
+    for name in ("written out", "nn.MultiheadAttention"):
+        torch.manual_seed(a.seed)
+        model, _, _, obj = mod.build(a, dev)
+        if name != "written out":
+            for blk in model.blocks:
+                blk.attn = FusedAttention(a.hidden_size, a.num_heads).to(dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr)
+        runs[name] = (model, opt, obj)
+    times = {name: [] for name in runs}
+    for _ in range(rounds):  # in turns, so that a change in the machine's load falls on both
+        for name, (model, opt, obj) in runs.items():
+            times[name].append(timed(lambda: mod.train_step(a, model, opt, obj, x, y, a.lr), steps, sync))
+    best = {name: min(t) for name, t in times.items()}
+    for name, t in best.items():
+        print(f"attention {name:<22} train step {t * 1e3:.4g} ms ({a.batch_size / t:.0f} img/s), best of {rounds}")
+    print(f"written out / nn.MultiheadAttention speed: {best['nn.MultiheadAttention'] / best['written out']:.3g}x")
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("script", choices=["dit_ddpm", "dit_flow", "ddpm_unet"])
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
     p.add_argument("--compare", action="store_true", help="dit_ddpm only: against the reference style")
+    p.add_argument("--compare-attention", action="store_true",
+                   help="DiTs: the written-out attention against nn.MultiheadAttention")
     p.add_argument("--ref-sample-steps", type=int, default=20, help="timed steps of the reference's 400-step sampler")
     b, rest = p.parse_known_args(argv)
     mod = importlib.import_module(b.script)
@@ -143,6 +182,8 @@ def main(argv=None):
     torch.manual_seed(a.seed)
     model, ema, opt, obj = mod.build(a, dev)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if b.compare_attention:
+        return compare_attention(a, mod, dev, sync, b.steps)
     if b.compare:
         return compare(a, mod, model, ema, opt, obj, dev, sync, b.steps, b.ref_sample_steps)
     C, S, K = mod.DATA[a.dataset]

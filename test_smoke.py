@@ -413,3 +413,12 @@ def test_bench_prints_throughput_and_writes_nothing(name, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "img/s" in text and "GFLOP/img" in text and "100 samples" in text
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("name", ["dit_ddpm", "dit_flow"])
+def test_bench_compares_the_written_out_attention_with_the_fused_module(name, tmp_path, capsys):
+    bench.main([name, "--steps", "1", "--compare-attention", *tiny(name, "unused", tmp_path / "o")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("attention written out ") and lines[1].startswith("attention nn.MultiheadAttention ")
+    assert lines[2].startswith("written out / nn.MultiheadAttention speed: ")
+    assert not (tmp_path / "o").exists()
