@@ -74,7 +74,7 @@ class RefBlock(nn.Module):
 
 
 def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
-    """dit_ddpm.py's train step and DDIM-50 sampler against the reference style, same sizes."""
+    """dit_ddpm.py's train step and its sampler (--sampler, --sample-steps) against the reference style, same sizes."""
     ref = mod.DiT(dim=a.hidden_size, depth=a.depth, heads=a.num_heads).to(dev)
     ref.blocks = nn.ModuleList(RefBlock(a.hidden_size, a.num_heads, mod.modulate) for _ in range(a.depth)).to(dev)
     B = a.batch_size
@@ -124,9 +124,9 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
         mean = (xs - betas[t] / (1 - abar[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
         return mean + (betas[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt() * torch.randn_like(xs)
     t_ref = timed(ref_sample_step, ref_sample_steps, sync) * T
-    t_ours = timed(lambda: obj.sample(ema, y100, 3.0, "ddim", 50, amp=a.amp), 1, sync, warmup=0)
+    t_ours = timed(lambda: obj.sample(ema, y100, 3.0, a.sampler, a.sample_steps, amp=a.amp), 1, sync, warmup=0)
     print(f"100 samples  reference DDPM-400, 2 passes/step {t_ref:.3g} s (timed {ref_sample_steps} steps)   ours "
-          f"DDIM-50, batched CFG {t_ours:.3g} s   speed-up {t_ref / t_ours:.3g}x")
+          f"{a.sampler} {a.sample_steps} steps, batched CFG {t_ours:.3g} s   speed-up {t_ref / t_ours:.3g}x")
 
 
 # ----------------------------------------------------------------------------- attention: written out or fused

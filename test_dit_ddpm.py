@@ -12,16 +12,31 @@ from conftest import randomise
 # ----------------------------------------------------------------------------- dit_ddpm.py: model
 def tiny_dit(**kw):
     torch.manual_seed(0)
-    return dit_ddpm.DiT(28, 1, patch=4, dim=32, depth=2, heads=4, **kw)
+    return dit_ddpm.DiT(28, 1, **{"patch": 4, "dim": 32, "depth": 2, "heads": 4, **kw})
 
 
-def test_dit_shapes_and_zero_init():
-    m = tiny_dit()
+@pytest.mark.parametrize("kw", [{}, {"stem": 8, "skips": True, "out_conv": True}, {"depth": 5, "skips": True}])
+def test_dit_shapes_and_zero_init(kw):
+    m = tiny_dit(**kw)
     x, t, y = torch.randn(3, 1, 28, 28), torch.tensor([0, 10, 399]), torch.tensor([1, 2, 10])
     out = m(x, t, y)
     assert out.shape == (3, 1, 28, 28)
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: the untrained network outputs exactly 0
     assert randomise(m)(x, t, y).abs().sum() > 0
+
+
+def test_long_skips_join_block_i_to_block_depth_1_i():
+    """With 5 blocks, blocks 3 and 4 take the concatenation of their input with the outputs of blocks 1 and 0."""
+    m = randomise(tiny_dit(depth=5, skips=True))
+    seen = {}
+    for i, blk in enumerate(m.blocks):
+        blk.register_forward_hook(lambda mod, args, out, i=i: seen.update({f"out{i}": out}))
+    for j, lin in enumerate(m.skips):
+        lin.register_forward_hook(lambda mod, args, out, j=j: seen.update({f"skip{j}": args[0]}))
+    m(torch.randn(2, 1, 28, 28), torch.tensor([3, 7]), torch.tensor([1, 2]))
+    assert len(m.skips) == 2
+    assert torch.equal(seen["skip1"][..., 32:], seen["out1"]) and torch.equal(seen["skip1"][..., :32], seen["out2"])
+    assert torch.equal(seen["skip0"][..., 32:], seen["out0"])
 
 
 def test_unpatchify_inverts_patchify():
