@@ -22,9 +22,11 @@ from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, l
                     save_samples, seed, size, stop_signals, timestep_embedding, to_image, train_step, UsageError,
                     write_npz)
 
-SCRIPT, DATA = "dit_flow", {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # C, size, K
-QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=2, batch_size=16, max_steps=2200,
-             lr=2e-3, warmup_steps=100, cfg_scales=[1.5])  # --quick: under 5 min on 2 CPU cores
+SCRIPT = "dit_flow"
+DATA = {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
+# --quick: the small CPU recipe on MNIST (about 5 min on 2 CPU cores; the README has the times and scores)
+QUICK = dict(dataset="mnist", hidden_size=128, depth=6, num_heads=4, patch_size=4, batch_size=32, max_steps=2200,
+             lr=2e-3, warmup_steps=100, cfg_scales=[1.5])
 
 
 # ----------------------------------------------------------------------------- config
@@ -40,10 +42,10 @@ def get_parser():
     p.add_argument("--depth", type=size, default=6)
     p.add_argument("--num-heads", type=size, default=8)
     p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--stem-channels", type=count, default=0,
+    p.add_argument("--stem-channels", type=count, default=32,
                    help="two 3x3 convs of this width before patchify (0: none)")
     p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
-    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=False,
+    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=True,
                    help="a zero-initialised residual 3x3 conv after unpatchify")
     p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit-normal"], help="training times t")
     p.add_argument("--prediction", default="x1", choices=["v", "x1", "edm"],
