@@ -1,5 +1,5 @@
-"""Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained as a Gaussian diffusion on MNIST and sampled
-with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M).
+"""Class-conditional Diffusion Transformer (DiT: conv stem, patch tokens, adaLN-Zero) trained as a Gaussian
+diffusion on MNIST and sampled with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M).
 
     python dit_ddpm.py --quick --device cpu                  # the small CPU recipe (QUICK below)
     torchrun --nproc_per_node=4 dit_ddpm.py --device cuda    # reference config (384 wide, 12 deep) on 4 GPUs
@@ -9,15 +9,21 @@ with classifier-free guidance (CFG) by DDPM (ancestral), DDIM or DPM-Solver++(2M
 Writes to --out-dir: per epoch one grid per CFG scale (grid_eNNN_cfgS.png, row = class) and a GIF of the reverse
 process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N also samples.npz for evaluate.py.
 """
-import argparse, copy, math, shlex, time  # noqa: E401
+import argparse
+import copy
+import math
+import shlex
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
-                    lr_at, nonneg, parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss,
-                    save_samples, seed, size, stop_signals, timestep_embedding, train_step, UsageError, write_npz)
+from common import (
+    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state, lr_at, nonneg,
+    parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss, save_samples, seed, size,
+    stop_signals, timestep_embedding, train_step, UsageError, write_npz,
+)
 
 SCRIPT = "dit_ddpm"
 DATA = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes

@@ -1,6 +1,6 @@
-"""Class-conditional Diffusion Transformer (DiT, adaLN-Zero) trained with flow matching (straight path from noise to
-data; the network predicts the data or the velocity) on synthetic class patterns or MNIST; classifier-free guidance
-(CFG), Euler or Heun sampling.
+"""Class-conditional Diffusion Transformer (DiT: conv stem, patch tokens, adaLN-Zero) trained with flow matching
+(straight path from noise to data; the network predicts the data or the velocity) on synthetic class patterns or
+MNIST; classifier-free guidance (CFG), Euler or Heun sampling.
 
     python dit_flow.py --quick --device cpu                  # the small CPU recipe (QUICK below)
     torchrun --nproc_per_node=4 dit_flow.py --device cuda    # reference config (256 wide, 6 deep) on 4 GPUs
@@ -11,16 +11,21 @@ Writes to --out-dir: per epoch a grid per CFG scale (grid_eNNN_cfgS.png, row = c
 ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.npz. On patterns also compare_TAG.png (row 1 real, row 2
 generated, 4 channels side by side) and metrics.csv (class match to the nearest template, RMS to the requested one).
 """
-import argparse, copy, math, shlex, time  # noqa: E401
+import argparse
+import copy
+import math
+import shlex
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state,
-                    lr_at, nonneg, parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss,
-                    save_samples, seed, size, stop_signals, timestep_embedding, to_image, train_step, UsageError,
-                    write_npz)
+from common import (
+    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state, lr_at, nonneg,
+    parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss, save_samples, seed, size,
+    stop_signals, timestep_embedding, to_image, train_step, UsageError, write_npz,
+)
 
 SCRIPT = "dit_flow"
 DATA = {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
