@@ -372,6 +372,7 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
         log = []
         acc, n = 0.0, 0
     acc = torch.tensor(acc).to(dev)
+    start, t_start = step, time.time()
     t0, s0 = time.time(), step  # img/s and ETA count from here
     halt = False
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
@@ -430,6 +431,8 @@ def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
         launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
         command = f"{launcher} {SCRIPT}.py --resume {shlex.quote(path)}"
         say(f"stopped at step {step}; resume with:\n  {command}")
+    else:
+        say(f"trained {step - start} steps in {time.time() - t_start:.1f} s (with checkpoints and grids)")
     return halt
 
 

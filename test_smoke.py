@@ -73,6 +73,7 @@ def test_train_resume_sample(name, fake_mnist, tmp_path, capsys):
     out = tmp_path / "run"
     argv = tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "3", "--cfg-scales", "0", "2")
     assert run_main(mod, argv) == 0
+    assert "\ntrained 3 steps in " in capsys.readouterr().out  # the line curve.py reads
     written = {"ckpt.pt", "loss.csv", "loss.png", "denoise_e001.gif", "grid_e001_cfg0.png", "grid_e001_cfg2.png"}
     assert written <= set(os.listdir(out))
     assert run_main(mod, ["--resume", f"{out}/ckpt.pt", "--max-steps", "20"]) == 0  # the path brings every flag back
