@@ -64,7 +64,7 @@ def run_point(script, minutes, rate, batch, a):
 
 
 def plot(rows, path, w=900, h=380, m=50):
-    """Two panels, FID (log scale) and class accuracy against training minutes, one line a script."""
+    """Two panels, FID and class accuracy against training minutes, one line a script (legend above each)."""
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     x_max = max(r["train_seconds"] for r in rows) / 60 * 1.05
@@ -87,7 +87,7 @@ def plot(rows, path, w=900, h=380, m=50):
                 draw.line(xy, fill=COLOURS[script], width=2)
             for px, py in xy:
                 draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=COLOURS[script])
-            draw.text((left + 8, m + 6 + 14 * j), script, fill=COLOURS[script])
+            draw.text((left + 90 * j, 28), script, fill=COLOURS[script])
     img.save(path)
 
 
