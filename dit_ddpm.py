@@ -27,7 +27,7 @@ from common import (
 
 SCRIPT = "dit_ddpm"
 DATA = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
-# --quick: the small CPU recipe (about 5 min on 2 CPU cores; the README has the times and scores)
+# --quick: the small CPU recipe (about 6 min on 2 CPU cores; the README has the times and scores)
 QUICK = dict(hidden_size=128, depth=6, num_heads=4, patch_size=4, batch_size=32, max_steps=1800, lr=2e-3,
              warmup_steps=100, cfg_scales=[1.5])
 

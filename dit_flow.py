@@ -29,7 +29,7 @@ from common import (
 
 SCRIPT = "dit_flow"
 DATA = {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels, size, classes
-# --quick: the small CPU recipe on MNIST (about 5 min on 2 CPU cores; the README has the times and scores)
+# --quick: the small CPU recipe on MNIST (about 6 min on 2 CPU cores; the README has the times and scores)
 QUICK = dict(dataset="mnist", hidden_size=128, depth=6, num_heads=4, patch_size=4, batch_size=32, max_steps=1800,
              lr=2e-3, warmup_steps=100, cfg_scales=[1.5])
 
