@@ -47,7 +47,13 @@ def load(path):
 def start(name, argv):
     """The script as its own process, stdout piped."""
     return subprocess.Popen([sys.executable, f"{name}.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=default_ctrl_c)
+
+
+def default_ctrl_c():
+    """Ctrl-C's default in the child: a shell that starts the tests in the background has them ignore SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(p, prefix):
