@@ -1,5 +1,6 @@
-"""Faults, round two, each over the scripts it applies to: data the loader checks, edited checkpoints, flags that
-combine badly, a run folder that one run holds, guarded writes, stops by signal. The data is written here."""
+"""The faults the README promises to catch, each over the scripts it applies to: data the loader checks, edited
+checkpoints, flags that combine badly, a run folder that one run holds, guarded writes, stops by signal. The data is
+written here."""
 import itertools
 import os
 import pickle
