@@ -348,7 +348,7 @@ def saved_flags(p, args, path):
             continue
         act = actions[k]
         flag = act.option_strings[0]
-        many = act.nargs in ("+", "*")
+        many = act.nargs in ("+", "*") or isinstance(act.nargs, int) and act.nargs > 1
         values = v if many and isinstance(v, list) else [v]
         if act.nargs == 0:  # a switch: --cond, or --amp / --no-amp
             if not isinstance(v, bool):

@@ -81,6 +81,8 @@ def get_parser():
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
+    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=[0.3, 6.0], metavar=("LO", "HI"),
+                   help="scales above 1 only at noise levels σ = √((1-ᾱ)/ᾱ) in (LO, HI] (0 1e9: at every step)")
     return p
 
 
@@ -95,6 +97,8 @@ def check(a):
         raise UsageError("--sample-steps must be <= --timesteps")
     if a.sample_only and not a.ckpt:
         raise UsageError("--sample-only needs --ckpt PATH")
+    if a.cfg_interval[0] >= a.cfg_interval[1]:
+        raise UsageError("--cfg-interval LO HI needs LO < HI")
 
 
 # ----------------------------------------------------------------------------- model
@@ -208,7 +212,7 @@ class DiT(nn.Module):
 class Diffusion:
     """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
     def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
-                 num_classes=10, device="cpu", sigma_data=0.5, t_sampling="uniform"):
+                 num_classes=10, device="cpu", sigma_data=0.5, t_sampling="uniform", cfg_interval=(0.0, math.inf)):
         self.T = timesteps
         self.prediction = prediction
         self.snr_gamma = snr_gamma
@@ -216,6 +220,7 @@ class Diffusion:
         self.null = num_classes  # label `num_classes` is the null label
         self.sigma_data = sigma_data
         self.t_sampling = t_sampling
+        self.cfg_interval = cfg_interval
         if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
             betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
         else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
@@ -285,7 +290,13 @@ class Diffusion:
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
 
     def guided(self, model, x, t, y, scale, amp=False):
-        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional.
+        Scales above 1 act only where σ lies in cfg_interval, elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at
+        pure noise, every sample starts from its class's extrapolated mean and the samples lose their variety."""
+        lo, hi = self.cfg_interval
+        sigma = ((1 - self.abar[t]) / self.abar[t]).sqrt().item()  # σ = √((1-ᾱ)/ᾱ), noise over signal
+        if not lo < sigma <= hi:
+            scale = torch.as_tensor(scale).clamp(max=1.0)
         tt = torch.full((len(y),), t, device=y.device)
         null = torch.full_like(y, self.null)
         x_in = self.precond(self.abar[t])[0] * x  # c_in x_t
@@ -338,7 +349,8 @@ def outputs(a, obj, ema, dev, tag, npz=False):
         save_samples(draw, dev, ema.num_classes, a.cfg_scales, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
         write_npz(draw, dev, a.num_samples, ema.num_classes, a.sample_cfg, a.out_dir, a.seed, sampler=a.sampler,
-                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta)
+                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta,
+                  cfg_interval=a.cfg_interval)
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
@@ -415,7 +427,7 @@ def build(a, dev):
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
                             fused=dev.type == "cuda")
     obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev, a.sigma_data,
-                    a.t_sampling)
+                    a.t_sampling, a.cfg_interval)
     return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 

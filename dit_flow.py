@@ -78,6 +78,8 @@ def get_parser():
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
+    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=[0.3, 6.0], metavar=("LO", "HI"),
+                   help="scales above 1 only at noise levels σ = (1-t)/t in (LO, HI] (0 1e9: at every step)")
     return p
 
 
@@ -90,6 +92,8 @@ def check(a):
         raise UsageError(f"--patch-size must divide {image_size}, the image size")
     if a.sample_only and not a.ckpt:
         raise UsageError("--sample-only needs --ckpt PATH")
+    if a.cfg_interval[0] >= a.cfg_interval[1]:
+        raise UsageError("--cfg-interval LO HI needs LO < HI")
 
 
 # ----------------------------------------------------------------------------- data: synthetic patterns
@@ -244,8 +248,10 @@ class DiT(nn.Module):
 # ----------------------------------------------------------------------------- flow matching
 class Flow:
     """Flow matching on the straight path from noise x0 (t = 0) to data x1 (t = 1); Euler / Heun sampling with CFG."""
-    def __init__(self, t_sampling="uniform", prediction="v", label_dropout=0.1, num_classes=10, sigma_data=0.5):
+    def __init__(self, t_sampling="uniform", prediction="v", label_dropout=0.1, num_classes=10, sigma_data=0.5,
+                 cfg_interval=(0.0, math.inf)):
         self.t_sampling = t_sampling
+        self.cfg_interval = cfg_interval
         self.prediction = prediction
         self.label_dropout = label_dropout
         self.null = num_classes  # label `num_classes` is the null label
@@ -285,7 +291,13 @@ class Flow:
         return ((model(c_in * xt, t, y).float() - target) ** 2).mean()
 
     def guided(self, model, x, t, y, scale, amp=False):
-        """CFG in one batched forward: out = out_null + s (out_cond - out_null), then the velocity; x1 is clipped."""
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null), then the velocity; x1 is clipped.
+        Scales above 1 act only where σ lies in cfg_interval, elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at
+        pure noise, every sample starts from its class's extrapolated mean and the samples lose their variety."""
+        lo, hi = self.cfg_interval
+        sigma = (1 - t) / t if t > 0 else math.inf  # x_t / t = x1 + σ x0: noise over signal
+        if not lo < sigma <= hi:
+            scale = torch.as_tensor(scale).clamp(max=1.0)
         tt = torch.full((len(y),), t, device=y.device)
         null = torch.full_like(y, self.null)
         c_in, c_skip, c_out = self.precond(t)
@@ -337,7 +349,8 @@ def outputs(a, obj, ema, dev, tag, npz=False):
             to_image(viewable(real_and_ours, True), K).save(f"{a.out_dir}/compare_{tag}.png")
     if npz and a.num_samples:
         sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.sample_cfg, a.out_dir, a.seed,
-                                            sampler=a.sampler, sample_steps=a.sample_steps))]
+                                            sampler=a.sampler, sample_steps=a.sample_steps,
+                                            cfg_interval=a.cfg_interval))]
     for what, x, y in sets if a.dataset == "patterns" else []:  # printed, and a row of metrics.csv
         row = [what, len(x), a.sampler, a.sample_steps, *template_scores(x, y)]
         print("{}: {} samples, {} {} steps: class match {:.1%}, RMS to template {:.4f}".format(*row))
@@ -418,7 +431,7 @@ def build(a, dev):
                 skips=a.skips, out_conv=a.out_conv).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
                             fused=dev.type == "cuda")
-    obj = Flow(a.t_sampling, a.prediction, a.label_dropout, K, a.sigma_data)
+    obj = Flow(a.t_sampling, a.prediction, a.label_dropout, K, a.sigma_data, a.cfg_interval)
     return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 

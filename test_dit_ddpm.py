@@ -223,6 +223,21 @@ def test_cfg_scales():
     assert torch.allclose(d.guided(m, x, 50, y, 3.0), null + 3 * (cond - null), atol=1e-4)
 
 
+def test_cfg_interval_guides_only_inside_it():
+    m = randomise(tiny_dit())
+    d = dit_ddpm.Diffusion(400, "cosine", cfg_interval=(0.3, 6.0))
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 9])
+    for t, inside in [(399, False), (222, True), (20, False)]:  # σ = 8120, 1.21, 0.07
+        tt = torch.full((4,), t)
+        cond, null = m(x, tt, y), m(x, tt, torch.full_like(y, 10))
+        guided = null + 3 * (cond - null) if inside else cond  # outside: a scale above 1 becomes 1
+        assert torch.allclose(d.guided(m, x, t, y, 3.0), guided, atol=1e-4)
+        assert torch.allclose(d.guided(m, x, t, y, 0.0), null, atol=1e-5)  # unconditional stays unconditional
+        per_sample = torch.tensor([0.0, 1.0, 3.0, 3.0]).view(-1, 1, 1, 1)  # the grids' per-row scales
+        assert torch.allclose(d.guided(m, x, t, y, per_sample), null + per_sample.clamp(max=3 if inside else 1)
+                              * (cond - null), atol=1e-4)
+
+
 def test_cfg_scale_1_sampling_equals_the_conditional_model():
     d = dit_ddpm.Diffusion(100, "cosine", "v")
     m = randomise(tiny_dit())

@@ -54,6 +54,18 @@ def test_cfg_scales():
     assert torch.allclose(FLOW.guided(m, x, 0.3, y, 3.0), null + 3 * (cond - null), atol=1e-4)
 
 
+def test_cfg_interval_guides_only_inside_it():
+    m = randomise(tiny_dit())
+    flow = dit_flow.Flow(num_classes=4, cfg_interval=(0.3, 6.0))
+    x, y = torch.randn(4, 4, 32, 32), torch.tensor([0, 1, 2, 3])
+    for t, inside in [(0.0, False), (0.1, False), (0.5, True), (0.9, False)]:  # σ = (1-t)/t = ∞, 9, 1, 0.11
+        tt = torch.full((4,), t)
+        cond, null = m(x, tt, y), m(x, tt, torch.full_like(y, 4))
+        guided = null + 3 * (cond - null) if inside else cond  # outside: a scale above 1 becomes 1
+        assert torch.allclose(flow.guided(m, x, t, y, 3.0), guided, atol=1e-4)
+        assert torch.allclose(flow.guided(m, x, t, y, 0.0), null, atol=1e-5)  # unconditional stays unconditional
+
+
 # ----------------------------------------------------------------------------- data
 def reference_raw_templates():
     """The README's formulas, written independently with numpy: (class, channel, 32, 32) before normalising."""
