@@ -55,8 +55,9 @@ def get_parser():
     p.add_argument("--prediction", default="x0", choices=["eps", "v", "x0", "edm"],
                    help="what the network predicts; edm: Karras et al.'s preconditioned x0")
     p.add_argument("--sigma-data", type=positive, default=0.5, help="EDM's data standard deviation (--prediction edm)")
-    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "log-normal"],
-                   help="training steps: uniform, or the nearest to σ = √((1-ᾱ)/ᾱ), log σ ~ N(-1.2, 1.2²) (EDM)")
+    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit-normal", "log-normal"],
+                   help="training steps: uniform; t/T = sigmoid(u), u ~ N(0, 1) (SD3); or the nearest to "
+                        "σ = √((1-ᾱ)/ᾱ) with log σ ~ N(-1.2, 1.2²) (EDM)")
     p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
     p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=10)
@@ -240,9 +241,12 @@ class Diffusion:
         return k.rsqrt(), sd2 * ab.sqrt() / k, (sd2 * (1 - ab) / k).sqrt()
 
     def sample_t(self, n, device):
-        """Training steps: uniform, or log-normal in σ (EDM: log σ ~ N(-1.2, 1.2²)) rounded to the next step's σ."""
+        """Training steps: uniform; logit-normal in t/T (SD3: more draws mid-path); or log-normal in σ (EDM:
+        log σ ~ N(-1.2, 1.2²)) rounded to the next step's σ."""
         if self.t_sampling == "uniform":
             return torch.randint(0, self.T, (n,), device=device)
+        if self.t_sampling == "logit-normal":  # t/T = sigmoid(u), u ~ N(0, 1)
+            return (torch.sigmoid(torch.randn(n, device=device)) * self.T).long().clamp(max=self.T - 1)
         sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, device=device))
         sigmas = ((1 - self.abar) / self.abar).sqrt()  # increasing in t
         return torch.searchsorted(sigmas, sigma).clamp(max=self.T - 1)

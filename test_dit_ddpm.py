@@ -116,6 +116,16 @@ def test_edm_preconditioning_in_sigma_and_log_normal_steps():
     assert abs((sigmas[t] >= 1).float().mean() - 0.159) < 0.02
 
 
+def test_logit_normal_steps():
+    """t/T = sigmoid(u), u ~ N(0, 1), floored to a step: 1.4% of the draws below step 40 (t/T < 0.1), 31.5% in
+    steps 160..239 (0.4 <= t/T < 0.6), every draw a step in 0..T-1."""
+    torch.manual_seed(0)
+    t = dit_ddpm.Diffusion(400, "cosine", t_sampling="logit-normal").sample_t(200000, "cpu")
+    assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 399
+    assert abs((t < 40).float().mean() - 0.0140) < 0.002  # Φ(logit 0.1)
+    assert abs(((t >= 160) & (t < 240)).float().mean() - 0.3146) < 0.005  # Φ(logit 0.6) - Φ(logit 0.4)
+
+
 def test_min_snr_weights():
     a = torch.tensor([0.5, 10 / 11, 0.2])  # SNR = 1, 10, 0.25
     expect = {"eps": [1.0, 0.5, 1.0], "v": [0.5, 5 / 11, 0.2], "x0": [1.0, 5.0, 0.25]}  # min(SNR, 5) / units
