@@ -91,7 +91,7 @@ def test_parse_args_quick_and_named_flags():
     a, ckpt = common.parse_args(dit_ddpm.get_parser, ["--quick", "--depth", "2"], dit_ddpm.QUICK, "dit_ddpm")
     assert ckpt is None
     assert a.depth == 2  # the flag beats --quick
-    assert a.hidden_size == 128 and a.sampler == "dpm++"  # --quick's
+    assert a.hidden_size == 96 and a.sampler == "dpm++"  # --quick's
     assert dit_ddpm.get_parser().parse_args([]).hidden_size == 384  # without --quick the defaults stay
     assert "--quick" in dit_ddpm.get_parser().format_help()
 
