@@ -11,8 +11,12 @@ memory, and the time of 100 guided samples. The reference style is what most DiT
 blocks (attention as explicit softmax(QKᵀ/√d)V), fp32, a DataLoader over float tensors, `.item()` every step, and a
 400-step ancestral sampler running the conditional and the unconditional model as two forward passes per step (timed
 over --ref-sample-steps steps and scaled to 400). Same model sizes and parameter count as dit_ddpm.py.
+
+Bad input is one line on stderr, `error: ...`, and exit code 2, never a traceback, and comes before any model is built:
+a missing or unknown script, --steps or --ref-sample-steps below 1, --compare with --compare-attention, --compare for
+other than dit_ddpm, --compare-attention for ddpm_unet (no DiT blocks), and whatever the script's own parser and its
+cross-flag checks refuse (an unknown flag, --hidden-size not a multiple of --num-heads, ...).
 """
-import argparse
 import importlib
 import resource
 import time
@@ -22,9 +26,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import cli, parse_args, pick_device
+from harness import Parser, UsageError, cli, parse_args, pick_device, size
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}  # dense
+
+
+def train_step(a, net, opt, obj, x, y):
+    """One optimiser step as the scripts' loops take it (loss, backward, clipping, the step), without the books."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=a.amp):
+        loss = obj.loss(net, x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
 
 
 def timed(fn, n, sync, warmup=1):
@@ -75,7 +90,8 @@ class RefBlock(nn.Module):
 
 def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
     """dit_ddpm.py's train step and its sampler (--sampler, --sample-steps) against the reference style, same sizes."""
-    ref = mod.DiT(dim=a.hidden_size, depth=a.depth, heads=a.num_heads).to(dev)
+    ref = mod.DiT(28, 1, 10, a.patch_size, a.hidden_size, a.depth, a.num_heads, stem_channels=a.stem_channels,
+                  out_conv=a.out_conv).to(dev)
     ref.blocks = nn.ModuleList(RefBlock(a.hidden_size, a.num_heads, mod.modulate) for _ in range(a.depth)).to(dev)
     B = a.batch_size
     T = 400  # the reference's number of diffusion steps
@@ -108,7 +124,7 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
 
     x, y = images[:B].to(dev), labels[:B].to(dev)
     t_ref = timed(ref_step, steps, sync)
-    t_ours = timed(lambda: mod.train_step(a, ours, opt, obj, x, y, a.lr), steps, sync)
+    t_ours = timed(lambda: train_step(a, ours, opt, obj, x, y), steps, sync)
     n_params = sum(q.numel() for q in ref.parameters())
     print(f"{n_params / 1e6:.3g}M params (both), batch {B}, device {dev}")
     print(f"train step   reference {t_ref:.3g} s ({B / t_ref:.0f} img/s)   ours {t_ours:.3g} s ({B / t_ours:.0f} img/s)"
@@ -124,7 +140,8 @@ def compare(a, mod, ours, ema, opt, obj, dev, sync, steps, ref_sample_steps):
         mean = (xs - betas[t] / (1 - abar[t]).sqrt() * eps) / (1 - betas[t]).sqrt()
         return mean + (betas[t] * (1 - abar[t - 1]) / (1 - abar[t])).sqrt() * torch.randn_like(xs)
     t_ref = timed(ref_sample_step, ref_sample_steps, sync) * T
-    t_ours = timed(lambda: obj.sample(ema, y100, 3.0, a.sampler, a.sample_steps, amp=a.amp), 1, sync, warmup=0)
+    t_ours = timed(lambda: obj.sample(ema, xs.shape, y100, 3.0, a.sampler, a.sample_steps, amp=a.amp), 1, sync,
+                   warmup=0)
     print(f"100 samples  reference DDPM-400, 2 passes/step {t_ref:.3g} s (timed {ref_sample_steps} steps)   ours "
           f"{a.sampler} {a.sample_steps} steps, batched CFG {t_ours:.3g} s   speed-up {t_ref / t_ours:.3g}x")
 
@@ -158,7 +175,7 @@ def compare_attention(a, mod, dev, sync, steps, rounds=3):
     times = {name: [] for name in runs}
     for _ in range(rounds):  # in turns, so that a change in the machine's load falls on both
         for name, (model, opt, obj) in runs.items():
-            times[name].append(timed(lambda: mod.train_step(a, model, opt, obj, x, y, a.lr), steps, sync))
+            times[name].append(timed(lambda: train_step(a, model, opt, obj, x, y), steps, sync))
     best = {name: min(t) for name, t in times.items()}
     for name, t in best.items():
         print(f"attention {name:<22} train step {t * 1e3:.4g} ms ({a.batch_size / t:.0f} img/s), best of {rounds}")
@@ -167,16 +184,22 @@ def compare_attention(a, mod, dev, sync, steps, rounds=3):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("script", choices=["dit_ddpm", "dit_flow", "ddpm_unet"])
-    p.add_argument("--steps", type=int, default=20, help="timed training steps")
-    p.add_argument("--compare", action="store_true", help="dit_ddpm only: against the reference style")
-    p.add_argument("--compare-attention", action="store_true",
-                   help="DiTs: the written-out attention against nn.MultiheadAttention")
-    p.add_argument("--ref-sample-steps", type=int, default=20, help="timed steps of the reference's 400-step sampler")
+    p.add_argument("--steps", type=size, default=20, help="timed training steps")
+    one = p.add_mutually_exclusive_group()
+    one.add_argument("--compare", action="store_true", help="dit_ddpm only: against the reference style")
+    one.add_argument("--compare-attention", action="store_true",
+                     help="DiTs: the written-out attention against nn.MultiheadAttention")
+    p.add_argument("--ref-sample-steps", type=size, default=20, help="timed steps of the reference's 400-step sampler")
     b, rest = p.parse_known_args(argv)
+    if b.compare and b.script != "dit_ddpm":
+        raise UsageError(f"--compare is for dit_ddpm only, not {b.script}")
+    if b.compare_attention and b.script == "ddpm_unet":
+        raise UsageError("--compare-attention is for dit_ddpm and dit_flow only: ddpm_unet has no DiT blocks")
     mod = importlib.import_module(b.script)
     a = parse_args(mod.get_parser, rest, mod.QUICK, mod.SCRIPT)[0]
+    mod.check(a)  # the script's cross-flag checks: its model is built from these flags
     dev = pick_device(a.device)[2]
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)
@@ -192,7 +215,7 @@ def main(argv=None):
     net = torch.compile(model) if a.compile else model
 
     def step():
-        return mod.train_step(a, net, opt, obj, x, y, a.lr)
+        return train_step(a, net, opt, obj, x, y)
     with FlopCounterMode(display=False) as fc:
         step()
     flops = fc.get_total_flops()  # forward + backward of one step
@@ -208,8 +231,10 @@ def main(argv=None):
           f"{flops / a.batch_size / 1e9:.3g} GFLOP/img, {flops / dt / 1e12:.3g} TFLOP/s, "
           f"MFU {mfu}, peak memory {mem:.3g} GiB")
     y100 = torch.arange(100, device=dev) % K
-    t = timed(lambda: obj.sample(ema, y100, a.cfg_scales[-1], a.sampler, a.sample_steps, amp=a.amp), 1, sync)
-    print(f"100 samples, cfg {a.cfg_scales[-1]:g}, {a.sampler} {a.sample_steps} steps: {t:.3g} s")
+    scale = a.cfg_scales[-1] if getattr(a, "cond", True) else None  # an unconditional UNet: no guidance
+    t = timed(lambda: obj.sample(ema, (100, C, S, S), y100, scale, a.sampler, a.sample_steps, amp=a.amp), 1, sync)
+    guidance = f"cfg {scale:g}" if scale is not None else "unconditional"
+    print(f"100 samples, {guidance}, {a.sampler} {a.sample_steps} steps: {t:.3g} s")
 
 
 if __name__ == "__main__":

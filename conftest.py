@@ -11,12 +11,12 @@ import torchvision
 # Set before torch is imported (by common below): a thread per core of the 2-core CI machine.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import common  # noqa: E402
+import harness  # noqa: E402
 
 
 def run_main(mod, argv):
     """A script's main(argv) in-process, as its command line runs it: the exit code (errors go to stderr)."""
-    return common.cli(mod.main, argv)
+    return harness.cli(mod.main, argv)
 
 
 def randomise(model):

@@ -1,5 +1,5 @@
 """The classic DDPM baseline: a UNet (residual blocks, self-attention at low resolution) on MNIST, Fashion-MNIST or
-CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and sampled by the Diffusion of dit_ddpm.py.
+CIFAR-10, unconditional or (--cond) class-conditional with CFG, trained and sampled by a Diffusion like dit_ddpm.py's.
 
     python ddpm_unet.py --quick --device cpu                 # the small CPU recipe (QUICK below)
     python ddpm_unet.py --dataset cifar10 --base-channels 128 --channel-mults 1 2 2 2 --attn-res 16 --cond \\
@@ -12,18 +12,16 @@ reverse process, ckpt.pt, loss.csv, loss.png; with --num-samples N also samples.
 import argparse
 import copy
 import math
-import shlex
-import time
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset,
-    load_state, lr_at, nonneg, parse_args, Parser, pick_device, positive, save_checkpoint,
-    save_loss, save_samples, seed, size, stop_signals, timestep_embedding, train_step,
-    UsageError, write_npz,
+from common import save_samples, timestep_embedding
+from harness import (
+    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
+    pick_device, positive, Run, seed, size, UsageError, write_npz,
 )
 
 SCRIPT = "ddpm_unet"
@@ -37,6 +35,7 @@ QUICK = dict(  # --quick: under 5 min on 2 CPU cores
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
+    d = defaults(UNet, Diffusion, Diffusion.sample)  # the classes' defaults are the recipe: the flags take them
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
@@ -47,25 +46,23 @@ def get_parser():
     p.add_argument("--device", default="auto",
                    help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--base-channels", type=size, default=64,
+    p.add_argument("--base-channels", type=size, default=d["base_channels"],
                    help="width of the first level (CIFAR-10: 128)")
-    p.add_argument("--channel-mults", type=size, nargs="+", default=[1, 2, 2],
+    p.add_argument("--channel-mults", type=size, nargs="+", default=list(d["channel_mults"]),
                    help="width multiple per level")
-    p.add_argument("--num-res-blocks", type=size, default=2,
+    p.add_argument("--num-res-blocks", type=size, default=d["num_res_blocks"],
                    help="residual blocks per level on the way down")
-    p.add_argument("--attn-res", type=size, nargs="*", default=[],
+    p.add_argument("--attn-res", type=size, nargs="*", default=list(d["attn_res"]),
                    help="resolutions with self-attention")
-    p.add_argument("--dropout", type=fraction, default=0.1)
+    p.add_argument("--dropout", type=fraction, default=d["dropout"])
     p.add_argument("--cond", action="store_true",
                    help="class-conditional, with label dropout and CFG")
-    p.add_argument("--timesteps", type=size, default=1000)
-    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"],
+    p.add_argument("--timesteps", type=size, default=d["timesteps"])
+    p.add_argument("--schedule", default=d["schedule"], choices=["linear", "cosine"],
                    help="noise schedule ᾱ_t")
-    p.add_argument("--prediction", default="v", choices=["eps", "v", "x0"],
+    p.add_argument("--prediction", default=d["prediction"], choices=["eps", "v", "x0"],
                    help="what the network predicts")
-    p.add_argument("--snr-gamma", type=nonneg, default=0.0,
-                   help="min-SNR-γ loss weighting (0: plain MSE)")
-    p.add_argument("--label-dropout", type=fraction, default=0.1,
+    p.add_argument("--label-dropout", type=fraction, default=d["label_dropout"],
                    help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=20)
     p.add_argument("--max-steps", type=count, default=0,
@@ -75,6 +72,7 @@ def get_parser():
                    help="peak; linear warm-up, then cosine decay to 0")
     p.add_argument("--weight-decay", type=nonneg, default=0.0)
     p.add_argument("--warmup-steps", type=count, default=200)
+    p.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay, reached after a warm-up")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
@@ -84,11 +82,11 @@ def get_parser():
                    help="continue the run of this checkpoint (its flags come with it)")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="ddim", choices=["ddpm", "ddim", "dpm++"],
+    p.add_argument("--sampler", default=d["sampler"], choices=["ddpm", "ddim", "dpm++"],
                    help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=20,
+    p.add_argument("--sample-steps", type=size, default=d["steps"],
                    help="model evaluations for ddim and dpm++")
-    p.add_argument("--eta", type=nonneg, default=1.0,
+    p.add_argument("--eta", type=nonneg, default=d["eta"],
                    help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0],
                    help="0: unconditional")
@@ -172,15 +170,17 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """DDPM's UNet: down path saving every activation, middle (res, attn, res), up path eating them as skips."""
-    def __init__(self, img_size=28, channels=1, base=64, mults=(1, 2, 2), num_res=2, attn_res=(),
-                 dropout=0.1, num_classes=0):
+    """DDPM's UNet: down path saving every activation, middle (res, attn, res), up path eating them as skips.
+    num_classes 0: unconditional. The defaults are the script's recipe."""
+    def __init__(self, img_size, channels, num_classes=0, base_channels=64, channel_mults=(1, 2, 2),
+                 num_res_blocks=2, attn_res=(), dropout=0.1):
         super().__init__()
+        base, mults, num_res = base_channels, channel_mults, num_res_blocks
         self.img_size = img_size
         self.channels = channels
         self.base = base
         self.size = resolutions(img_size, len(mults))[0]  # the padded input size
-        self.num_classes = num_classes  # label `num_classes`: CFG's null
+        self.num_classes = num_classes  # y_embed's last row is the null label's (y = -1)
         self.cond = num_classes > 0
         E = 4 * base  # embedding width
         self.t_mlp = nn.Sequential(nn.Linear(base, E), nn.SiLU(), nn.Linear(E, E))
@@ -216,9 +216,9 @@ class UNet(nn.Module):
         # exactly ε = 0
         self.out = nn.Sequential(norm(ch), nn.SiLU(), zero_(nn.Conv2d(ch, channels, 3, padding=1)))
 
-    def embed(self, t, y=None):  # (N,) timestep index, (N,) label or null -> (N, 4*base)
+    def embed(self, t, y=None):  # (N,) timestep index, (N,) label or -1 (null) -> (N, 4*base)
         emb = self.t_mlp(timestep_embedding(t, self.base))
-        return emb + self.y_embed(y) if self.cond else emb
+        return emb + self.y_embed(torch.where(y < 0, self.num_classes, y)) if self.cond else emb
 
     def forward(self, x, t, y=None):  # x (N, C, S, S) -> ε prediction of the same shape
         p = self.size - self.img_size
@@ -239,41 +239,36 @@ class UNet(nn.Module):
 
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
-    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
-    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0,
-                 label_dropout=0.1, num_classes=10, device="cpu"):
+    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG.
+    Label -1 is the null label: training drops labels to it, guidance contrasts with it. Defaults: the recipe."""
+    def __init__(self, timesteps=1000, schedule="cosine", prediction="v", label_dropout=0.1,
+                 cfg_interval=(0.0, math.inf)):
         self.T = timesteps
         self.prediction = prediction
-        self.snr_gamma = snr_gamma
         self.label_dropout = label_dropout
-        self.null = num_classes  # label `num_classes` is the null label
-        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400,
-            # the image still shows
-            betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        self.cfg_interval = cfg_interval
+        if schedule == "linear":  # β_t from 1e-4 to 0.02 at T = 1000 (DDPM), scaled by 1000/T: ᾱ_T ≈ 4e-5 at any T
+            k = 1000 / timesteps
+            betas = torch.linspace(1e-4 * k, 0.02 * k, timesteps, dtype=torch.float64)
         else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
             s = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
             f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
+            betas = 1 - f[1:] / f[:-1]
+        self.abar = torch.cumprod(1 - betas.clamp(max=0.999), dim=0).float()  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
     def loss(self, model, x0, y):
-        """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
-        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
+        """E_t,ε ||target - model(x_t, t, y)||², t uniform, labels dropped to null for CFG; x0 in [-1, 1]."""
+        self.abar = self.abar.to(x0.device)  # the schedule on the data's device
+        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, -1, y)
         t = torch.randint(0, self.T, (len(y),), device=y.device)
         eps = torch.randn_like(x0)
         ab = self.abar[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
-        v = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v = √ᾱ ε - √(1-ᾱ) x0
-        target = {"eps": eps, "v": v, "x0": x0}[self.prediction]
-        mse = ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
-        return (self.weight(ab.flatten()) * mse).mean()
-
-    def weight(self, ab):
-        """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        # ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
-        snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ)
-        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}[self.prediction]
-        return snr.clamp(max=self.snr_gamma) / units if self.snr_gamma else torch.ones_like(ab)
+        if self.prediction == "v":
+            target = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v = √ᾱ ε - √(1-ᾱ) x0
+        else:
+            target = eps if self.prediction == "eps" else x0
+        return ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3)).mean()  # per image, then over the batch
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
@@ -288,53 +283,55 @@ class Diffusion:
         return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # ε = (x - √ᾱ x0) / √(1-ᾱ)
 
     def guided(self, model, x, t, y, scale, amp=False):
-        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional."""
-        tt = torch.full((len(y),), t, device=y.device)
-        null = torch.full_like(y, self.null)
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional,
+        None: one forward, no guidance (an unconditional model). Scales above 1 act only where σ lies in cfg_interval,
+        elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at pure noise, every sample starts from its class's
+        extrapolated mean and the samples lose their variety."""
+        tt = torch.full((len(x),), t, device=x.device)
+        lo, hi = self.cfg_interval
+        sigma = ((1 - self.abar[t]) / self.abar[t]).sqrt().item()  # σ = √((1-ᾱ)/ᾱ), noise over signal
+        if scale is not None and not lo < sigma <= hi:
+            scale = torch.as_tensor(scale).clamp(max=1.0)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            if not model.cond:  # an unconditional UNet: one forward, nothing to guide
-                return model(x, tt).float()
-            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, null]))
-            cond, uncond = out.float().chunk(2)
+            if scale is None:
+                return model(x, tt, y).float()
+            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)]))
+        cond, uncond = out.float().chunk(2)
         return uncond + scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0,
-               amp=False):
-        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process). ddpm: ancestral over
-        all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
-        shape = (len(y), model.channels, model.img_size, model.img_size)
+    def sample(self, model, shape, y, scale, sampler="ddim", steps=20, eta=1.0, gen=None, frames=0, amp=False):
+        """Draw images of `shape` (N, C, H, W) in [-1, 1] for labels y (N,) on y's device, and up to `frames` snapshots
+        of the reverse process. ddpm: ancestral over all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η;
+        dpm++: DPM-Solver++(2M)."""
+        self.abar = self.abar.to(y.device)
         x = torch.randn(shape, device=y.device, generator=gen)
-        n = steps
         if sampler == "ddpm":  # every step T-1, ..., 0, with η = 1
-            n = self.T
-            eta = 1.0
-        ts = torch.linspace(self.T - 1, 0, n).round().long().tolist()  # the n steps
-        ts.append(-1)  # then the clean image
+            steps, eta = self.T, 1.0
+        ts = torch.linspace(self.T - 1, 0, steps).round().long().tolist() + [-1]  # the steps, then the clean image
         snaps = [x]
-        every = max(1, n // frames) if frames else 0  # a snapshot every `every` steps
-        x0_prev, h_prev = None, None  # dpm++: the previous step's x0 estimate and h
+        every = max(1, steps // frames) if frames else 0
+        x0_prev = h_prev = None  # DPM-Solver++: the previous step's x0 estimate and step size
         for i, (t, s) in enumerate(zip(ts, ts[1:])):  # from step t to the next one, s
             ab = self.abar[t]
-            ab_s = self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1
-            out = self.guided(model, x, t, y, scale, amp)
-            x0, eps = self.denoise(out, x, t)
-            if sampler == "dpm++":  # multistep in λ on the data prediction (Lu et al. 2022)
-                # λ = log(√ᾱ / √(1-ᾱ)); h = λ_s - λ_t, +∞ at the clean image
-                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))
-                D = x0  # 1st order: D = x0_i (the first step, and the step into t <= 0)
+            ab_s = self.abar[s] if s >= 0 else torch.ones((), device=x.device)  # ᾱ_{-1} = 1: the clean image
+            x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
+            if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
+                h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ into s = -1
+                # 1st order on the first step and on the last two, into step 0 and into the clean image (s = -1):
+                # second order into step 0 measured worse
+                D = x0
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}
-                    r = h_prev / h  # r = h_{i-1} / h_i
+                    r = h_prev / h
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
-                # x_s = σ_s/σ_t x_t - α_s (e^{-h} - 1) D
+                # x_s = σ_s/σ_t x_t - α_s (e^-h - 1) D, with σ = √(1-ᾱ) and α = √ᾱ
                 x = ((1 - ab_s) / (1 - ab)).sqrt() * x - ab_s.sqrt() * torch.expm1(-h) * D
-                x0_prev, h_prev = x0, h
-            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z
-                # σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
+                x0_prev = x0
+                h_prev = h
+            else:  # DDIM: x_s = √ᾱ_s x0 + √(1-ᾱ_s-σ²) ε + σ z, σ = η √((1-ᾱ_s)/(1-ᾱ_t) (1-ᾱ_t/ᾱ_s))
                 sigma = eta * ((1 - ab_s) / (1 - ab) * (1 - ab / ab_s)).sqrt()
                 noise = torch.randn(shape, device=y.device, generator=gen) if eta > 0 else 0
-                dir_eps = (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps  # √(1-ᾱ_s-σ²) ε
-                x = ab_s.sqrt() * x0 + dir_eps + sigma * noise
+                x = ab_s.sqrt() * x0 + (1 - ab_s - sigma ** 2).clamp(min=0).sqrt() * eps + sigma * noise
             if frames and ((i + 1) % every == 0 or s < 0):
                 snaps.append(x)
         return x.clamp(-1, 1), snaps
@@ -343,110 +340,58 @@ class Diffusion:
 # ----------------------------------------------------------------------------- training
 def outputs(a, obj, ema, dev, tag, npz=False):
     """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz also samples.npz."""
+    C, S, K = DATA[a.dataset]
+
     def draw(y, scale, gen, frames=0):
-        return obj.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
-    if tag:
-        scales = a.cfg_scales if ema.num_classes else None  # unconditional: one grid
-        save_samples(draw, dev, 10, scales, a.out_dir, tag, a.seed)
+        return obj.sample(ema, (len(y), C, S, S), y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
+    if tag:  # unconditional: one grid, no guidance
+        save_samples(draw, dev, K, a.cfg_scales if a.cond else None, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
-        steps = a.timesteps if a.sampler == "ddpm" else a.sample_steps  # ddpm runs all T steps
-        write_npz(draw, dev, a.num_samples, ema.num_classes, a.sample_cfg, a.out_dir, a.seed,
-                  sampler=a.sampler, sample_steps=steps, eta=a.eta)
+        ddpm = a.sampler == "ddpm"  # ancestral: all T steps, η = 1
+        write_npz(draw, dev, a.num_samples, K * a.cond, a.sample_cfg if a.cond else None, a.out_dir, a.seed,
+                  sampler=a.sampler, sample_steps=a.timesteps if ddpm else a.sample_steps, eta=1.0 if ddpm else a.eta)
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
-    x_all, y_all = [t.to(dev) for t in data]
-    B = a.batch_size
-    path = f"{a.out_dir}/ckpt.pt"
-    # steps an epoch: every rank takes its own B images of the shared permutation
-    per_epoch = len(x_all) // (B * world)
-    total = a.max_steps or a.epochs * per_epoch  # the LR schedule spans it
-    say = print if rank == 0 else lambda *_, **__: None
-    if ckpt:  # resume: the step, the loss log and the loss summed since its last row
-        step = ckpt["step"]
-        log = ckpt["loss_log"]
-        acc, n = ckpt["loss_acc"]
-    else:
-        step = 0
-        log = []
-        acc, n = 0.0, 0
-    acc = torch.tensor(acc).to(dev)
-    start, t_start = step, time.time()
-    t0, s0 = time.time(), step  # img/s and ETA count from here
-    halt = False
+    """The training loop, each step whole: a batch, the learning rate, the loss, backward, clipping, the optimiser
+    step and the EMA. `run` (harness.py) keeps the books: the shuffle, the progress line, Ctrl-C, and at each epoch's
+    end the checkpoint and the grids. Data stays on the device as uint8; the host syncs only to log."""
+    x_all, y_all = (t.to(dev) for t in data)
+    run = Run(a, SCRIPT, model, ema, opt, len(x_all), ckpt, dev, rank, world, partial(outputs, a, obj, ema, dev))
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"training {n_params / 1e6:.3g}M params on {len(x_all)} images, "
-        f"{world} process(es) x batch {B}, steps {step}..{total}, {dev}, amp {a.amp}")
-    with stop_signals() as stop:
-        while step < total and not halt:
-            epoch, i0 = divmod(step, per_epoch)
-            order = torch.Generator().manual_seed(a.seed * 1000 + epoch)  # the same on every rank
-            perm = torch.randperm(len(x_all), generator=order).to(dev)
-            for i in range(i0, per_epoch):
-                first = (i * world + rank) * B
-                idx = perm[first:first + B]
-                x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-                if a.dataset == "cifar10":  # random horizontal flips
-                    flip = torch.rand(len(x), 1, 1, 1, device=dev) < 0.5
-                    x = torch.where(flip, x.flip(3), x)
-                lr = lr_at(step, a.lr, a.warmup_steps, total)
-                acc += train_step(a, net, opt, obj, x, y_all[idx], lr)
-                ema_update(ema, model, step, 0.9999)
-                step += 1
-                n += 1
-                if step % a.log_every == 0 or step == total:
-                    loss = acc.item() / n  # the only host sync
-                    log.append((step, loss))
-                    if not math.isfinite(loss):
-                        raise UsageError(f"loss is {loss} at step {step}; stopped (try a lower --lr)", 1)
-                    ips = (step - s0) * B * world / (time.time() - t0)
-                    minutes_left = (total - step) * B * world / ips / 60
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} "
-                        f"loss {loss:.4f} img/s {ips:.0f} eta {minutes_left:.1f} min", flush=True)
-                    acc, n = acc * 0, 0
-                # the stop request halts every rank at the same step
-                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)
-                if step == total or halt:
-                    break
-            if rank == 0:  # the checkpoint first: sampling cannot lose it
-                rng = [torch.get_rng_state()]
-                if dev.type == "cuda":
-                    rng += torch.cuda.get_rng_state_all()
-                state = dict(
-                    script=SCRIPT, step=step, args=vars(a),
-                    loss_log=log, loss_acc=(acc.item(), n),
-                    model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                    rng=rng,
-                )
-                save_checkpoint(state, path)
-                save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
-                    outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
-            t0, s0 = time.time(), step  # img/s and ETA count training only
-    halt = halt or bool(stop)  # a signal during the last save stops the run too
-    if halt:
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        command = f"{launcher} {SCRIPT}.py --resume {shlex.quote(path)}"
-        say(f"stopped at step {step}; resume with:\n  {command}")
-    else:
-        say(f"trained {step - start} steps in {time.time() - t_start:.1f} s (with checkpoints and grids)")
-    return halt
+    warmup = min(a.warmup_steps, run.total // 2)  # at most half the run, so that every run decays
+    for idx in run.batches():  # this process's indices of the step's batch
+        x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
+        if a.dataset == "cifar10":  # random horizontal flips
+            x = torch.where(torch.rand(len(x), 1, 1, 1, device=dev) < 0.5, x.flip(3), x)
+        step = run.step
+        if step < warmup:  # learning rate: linear warm-up, then cosine decay to 0 at the run's last step
+            lr = a.lr * (step + 1) / warmup
+        else:
+            lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (run.total - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp):
+            loss = obj.loss(net, x, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights; its decay grows as (1+step)/(10+step), so short runs average too
+            for e, w in zip(ema.parameters(), model.parameters()):
+                e.lerp_(w, 1 - min(a.ema_decay, (1 + step) / (10 + step)))  # e += (1 - decay) (w - e)
+        run.log(loss.detach())  # the step is done: a progress line every --log-every steps
+    return run.end()
 
 
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    K *= a.cond  # 0: unconditional
-    model = UNet(S, C, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout,
-                 num_classes=K).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
-                            fused=dev.type == "cuda")
-    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    return model, ema, opt, obj
+    model = UNet(S, C, K * a.cond, a.base_channels, a.channel_mults, a.num_res_blocks, a.attn_res, a.dropout).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=dev.type == "cuda")
+    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.label_dropout)
+    return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 
 # ----------------------------------------------------------------------------- main

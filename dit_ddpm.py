@@ -12,17 +12,16 @@ process (denoise_eNNN.gif), ckpt.pt, loss.csv and loss.png; with --num-samples N
 import argparse
 import copy
 import math
-import shlex
-import time
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state, lr_at, nonneg,
-    parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss, save_samples, seed, size,
-    stop_signals, timestep_embedding, train_step, UsageError, write_npz,
+from common import pos_embed_2d, save_samples, timestep_embedding
+from harness import (
+    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
+    pick_device, positive, Run, seed, size, UsageError, write_npz,
 )
 
 SCRIPT = "dit_ddpm"
@@ -34,6 +33,7 @@ QUICK = dict(hidden_size=96, depth=4, num_heads=4, patch_size=4, batch_size=32, 
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
+    d = defaults(DiT, Diffusion, Diffusion.sample)  # the classes' defaults are the recipe: the flags take them
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
     p.add_argument("--dataset", default="mnist", choices=DATA)
@@ -41,25 +41,19 @@ def get_parser():
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--hidden-size", type=size, default=384)
-    p.add_argument("--depth", type=size, default=12)
-    p.add_argument("--num-heads", type=size, default=6)
-    p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--stem-channels", type=count, default=32,
+    p.add_argument("--hidden-size", type=size, default=d["hidden_size"])
+    p.add_argument("--depth", type=size, default=d["depth"])
+    p.add_argument("--num-heads", type=size, default=d["num_heads"])
+    p.add_argument("--patch-size", type=size, default=d["patch_size"])
+    p.add_argument("--stem-channels", type=count, default=d["stem_channels"],
                    help="two 3x3 convs of this width before patchify (0: none)")
-    p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
-    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=d["out_conv"],
                    help="a zero-initialised residual 3x3 conv after unpatchify")
-    p.add_argument("--timesteps", type=size, default=400)
-    p.add_argument("--schedule", default="cosine", choices=["linear", "cosine"], help="noise schedule ᾱ_t")
-    p.add_argument("--prediction", default="x0", choices=["eps", "v", "x0", "edm"],
-                   help="what the network predicts; edm: Karras et al.'s preconditioned x0")
-    p.add_argument("--sigma-data", type=positive, default=0.5, help="EDM's data standard deviation (--prediction edm)")
-    p.add_argument("--t-sampling", default="uniform", choices=["uniform", "logit-normal", "log-normal"],
-                   help="training steps: uniform; t/T = sigmoid(u), u ~ N(0, 1) (SD3); or the nearest to "
-                        "σ = √((1-ᾱ)/ᾱ) with log σ ~ N(-1.2, 1.2²) (EDM)")
-    p.add_argument("--snr-gamma", type=nonneg, default=0.0, help="min-SNR-γ loss weighting (0: plain MSE)")
-    p.add_argument("--label-dropout", type=fraction, default=0.05, help="share of null labels in training (for CFG)")
+    p.add_argument("--timesteps", type=size, default=d["timesteps"])
+    p.add_argument("--schedule", default=d["schedule"], choices=["linear", "cosine"], help="noise schedule ᾱ_t")
+    p.add_argument("--prediction", default=d["prediction"], choices=["eps", "v", "x0"], help="the network's target")
+    p.add_argument("--label-dropout", type=fraction, default=d["label_dropout"],
+                   help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=10)
     p.add_argument("--max-steps", type=count, default=0,
                    help="run length in steps, the LR schedule spans it (0: --epochs)")
@@ -76,13 +70,14 @@ def get_parser():
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="dpm++", choices=["ddpm", "ddim", "dpm++"], help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=10, help="model evaluations for ddim and dpm++")
-    p.add_argument("--eta", type=nonneg, default=0.0, help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
+    p.add_argument("--sampler", default=d["sampler"], choices=["ddpm", "ddim", "dpm++"],
+                   help="ddpm: ancestral, all steps")
+    p.add_argument("--sample-steps", type=size, default=d["steps"], help="model evaluations for ddim and dpm++")
+    p.add_argument("--eta", type=nonneg, default=d["eta"], help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
-    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=[0.3, 6.0], metavar=("LO", "HI"),
+    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=list(d["cfg_interval"]), metavar=("LO", "HI"),
                    help="scales above 1 only at noise levels σ = √((1-ᾱ)/ᾱ) in (LO, HI] (0 1e9: at every step)")
     return p
 
@@ -143,37 +138,38 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Conv stem -> patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y), the second half
-    fed by long skips from the first -> unpatchify -> a zero-initialised residual 3x3 conv."""
-    def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
-                 freq_dim=256, stem=0, skips=False, out_conv=False):
+    """Conv stem -> patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify ->
+    a zero-initialised residual 3x3 conv. The defaults are the script's (reference) recipe."""
+    def __init__(self, img_size, channels, num_classes, patch_size=2, hidden_size=384, depth=12, num_heads=6,
+                 mlp_ratio=4.0, stem_channels=32, out_conv=True, freq_dim=256):
         super().__init__()
+        if hidden_size % math.lcm(4, num_heads) or img_size % patch_size:  # the 2-D table: 4 channels a frequency
+            raise ValueError("hidden_size must be a multiple of 4 and of num_heads, and patch_size divide img_size")
+        D, p = hidden_size, patch_size
         self.channels = channels
-        self.patch = patch
-        self.grid = img_size // patch  # tokens per side
+        self.patch = p
+        self.grid = img_size // p  # tokens per side
         self.freq_dim = freq_dim
-        self.num_classes = num_classes  # label `num_classes` is the null label used for CFG
+        self.num_classes = num_classes  # y_embed's last row is the null label's (y = -1)
         # stem: two 3x3 convs at full resolution see the pixels around each patch's edge before it becomes a token
         self.stem = nn.Identity()
-        if stem:
-            self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(stem, stem, 3, padding=1), nn.GELU())
-        self.patch_embed = nn.Conv2d(stem or channels, dim, kernel_size=patch, stride=patch)
-        self.register_buffer("pos_embed", pos_embed_2d(dim, self.grid)[None], persistent=False)  # (1, T, D)
-        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        # long skips (U-ViT): block depth-1-i also takes block i's output, concatenated and projected back to D
-        self.skips = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth // 2 if skips else 0))
-        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # shift, scale
-        self.final = nn.Linear(dim, patch * patch * channels)  # each token -> its patch's pixels
+        if stem_channels:
+            self.stem = nn.Sequential(nn.Conv2d(channels, stem_channels, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GELU())
+        self.patch_embed = nn.Conv2d(stem_channels or channels, D, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", pos_embed_2d(D, self.grid)[None], persistent=False)  # (1, T, D)
+        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embed = nn.Embedding(num_classes + 1, D)  # one extra row: the null label
+        self.blocks = nn.ModuleList(DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))  # shift, scale
+        self.final = nn.Linear(D, p * p * channels)  # each token -> its patch's pixels
         self.out_conv = nn.Conv2d(channels, channels, 3, padding=1) if out_conv else None  # smooths patch seams
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a Linear on the flattened patch
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(D, -1))  # like a Linear on the flattened patch
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
         for m in self.t_mlp[0::2]:
@@ -191,18 +187,13 @@ class DiT(nn.Module):
         x = x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p): row of patches, row in patch
         return x.reshape(N, C, g * p, g * p)
 
-    def forward(self, x, t, y):  # x (N, C, H, W), t (N,) timestep index, y (N,) label or null
+    def forward(self, x, t, y):  # x (N, C, H, W), t (N,) timestep index, y (N,) label, -1: the null label
         x = self.patch_embed(self.stem(x))  # (N, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        y = torch.where(y < 0, self.num_classes, y)  # the null label's row
         c = self.t_mlp(timestep_embedding(t, self.freq_dim)) + self.y_embed(y)  # (N, D)
-        early = []
-        for i, blk in enumerate(self.blocks):
-            j = len(self.blocks) - 1 - i  # the block this one mirrors
-            if j < len(self.skips):  # the second half: concatenate the mirrored block's output
-                x = self.skips[j](torch.cat([x, early.pop()], dim=-1))
+        for blk in self.blocks:
             x = blk(x, c)
-            if i < len(self.skips):
-                early.append(x)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
         x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
         x = self.unpatchify(x)  # (N, C, H, W)
@@ -211,109 +202,71 @@ class DiT(nn.Module):
 
 # ----------------------------------------------------------------------------- diffusion
 class Diffusion:
-    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG."""
-    def __init__(self, timesteps, schedule="linear", prediction="eps", snr_gamma=0.0, label_dropout=0.1,
-                 num_classes=10, device="cpu", sigma_data=0.5, t_sampling="uniform", cfg_interval=(0.0, math.inf)):
+    """Discrete-time Gaussian diffusion: noise schedule, training loss, and DDPM / DDIM / DPM-Solver++ with CFG.
+    Label -1 is the null label: training drops labels to it, guidance contrasts with it. Defaults: the recipe."""
+    def __init__(self, timesteps=400, schedule="cosine", prediction="x0", label_dropout=0.05, cfg_interval=(0.3, 6.0)):
         self.T = timesteps
         self.prediction = prediction
-        self.snr_gamma = snr_gamma
         self.label_dropout = label_dropout
-        self.null = num_classes  # label `num_classes` is the null label
-        self.sigma_data = sigma_data
-        self.t_sampling = t_sampling
         self.cfg_interval = cfg_interval
-        if schedule == "linear":  # β_t from 1e-4 to 0.02 (DDPM): ᾱ_T = 0.0175 at T = 400, the image still shows
-            betas = torch.linspace(1e-4, 0.02, timesteps, dtype=torch.float64)
+        if schedule == "linear":  # β_t from 1e-4 to 0.02 at T = 1000 (DDPM), scaled by 1000/T: ᾱ_T ≈ 4e-5 at any T
+            k = 1000 / timesteps
+            betas = torch.linspace(1e-4 * k, 0.02 * k, timesteps, dtype=torch.float64)
         else:  # cosine: ᾱ(s) = cos²((s + 0.008)/1.008 · π/2), s = t/T, ends at ᾱ_T ≈ 0 (pure noise)
             s = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
             f = torch.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
-            betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        self.abar = torch.cumprod(1 - betas, dim=0).float().to(device)  # ᾱ_t = Π_{s<=t} (1 - β_s)
-
-    def precond(self, ab):
-        """(c_in, c_skip, c_out) on x_t: the network sees c_in x_t; for edm x0 = c_skip x_t + c_out F (else c_in = 1).
-        EDM's x = x0 + σ n is x_t / √ᾱ with σ² = (1-ᾱ)/ᾱ, so its c_in = 1/√(σ²+σd²), c_skip = σd²/(σ²+σd²),
-        c_out = σ σd/√(σ²+σd²) become, with k = 1-ᾱ+ᾱσd²: c_in = 1/√k, c_skip = σd²√ᾱ/k, c_out = σd√(1-ᾱ)/√k."""
-        if self.prediction != "edm":
-            return torch.ones_like(ab), None, None
-        sd2 = self.sigma_data ** 2
-        k = 1 - ab + ab * sd2
-        return k.rsqrt(), sd2 * ab.sqrt() / k, (sd2 * (1 - ab) / k).sqrt()
-
-    def sample_t(self, n, device):
-        """Training steps: uniform; logit-normal in t/T (SD3: more draws mid-path); or log-normal in σ (EDM:
-        log σ ~ N(-1.2, 1.2²)) rounded to the next step's σ."""
-        if self.t_sampling == "uniform":
-            return torch.randint(0, self.T, (n,), device=device)
-        if self.t_sampling == "logit-normal":  # t/T = sigmoid(u), u ~ N(0, 1)
-            return (torch.sigmoid(torch.randn(n, device=device)) * self.T).long().clamp(max=self.T - 1)
-        sigma = torch.exp(-1.2 + 1.2 * torch.randn(n, device=device))
-        sigmas = ((1 - self.abar) / self.abar).sqrt()  # increasing in t
-        return torch.searchsorted(sigmas, sigma).clamp(max=self.T - 1)
+            betas = 1 - f[1:] / f[:-1]
+        self.abar = torch.cumprod(1 - betas.clamp(max=0.999), dim=0).float()  # ᾱ_t = Π_{s<=t} (1 - β_s)
 
     def loss(self, model, x0, y):
-        """E_t,ε w(t) ||target - model(x_t, t, y)||² with labels dropped to null for CFG; x0 in [-1, 1]."""
-        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
-        t = self.sample_t(len(y), y.device)
+        """E_t,ε ||target - model(x_t, t, y)||², t uniform, labels dropped to null for CFG; x0 in [-1, 1]."""
+        self.abar = self.abar.to(x0.device)  # the schedule on the data's device
+        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, -1, y)
+        t = torch.randint(0, self.T, (len(y),), device=y.device)
         eps = torch.randn_like(x0)
         ab = self.abar[t].view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps  # x_t = √ᾱ x0 + √(1-ᾱ) ε  ~ q(x_t | x0)
-        c_in, c_skip, c_out = self.precond(ab)
-        if self.prediction == "edm":  # the F that gives x0 exactly: unit variance at every σ
-            target = (x0 - c_skip * xt) / c_out
-        elif self.prediction == "v":
+        if self.prediction == "v":
             target = ab.sqrt() * eps - (1 - ab).sqrt() * x0  # v = √ᾱ ε - √(1-ᾱ) x0
         else:
             target = eps if self.prediction == "eps" else x0
-        mse = ((model(c_in * xt, t, y).float() - target) ** 2).mean((1, 2, 3))  # (N,)
-        return (self.weight(ab.flatten()) * mse).mean()
-
-    def weight(self, ab):
-        """Loss weight at ᾱ: 1, or min-SNR-γ = min(SNR, γ) on the x0 error written in the target's units."""
-        if not self.snr_gamma:
-            return torch.ones_like(ab)
-        snr = ab / (1 - ab)  # SNR = ᾱ / (1-ᾱ); ||ε-error||² = SNR ||x0-error||², ||v-error||² = (SNR+1) ||x0-error||²
-        units = {"eps": snr, "v": snr + 1, "x0": torch.ones_like(snr)}.get(self.prediction)
-        if units is None:  # edm: ||F-error||² = ||x0-error||² / c_out²
-            units = 1 / self.precond(ab)[2] ** 2
-        return snr.clamp(max=self.snr_gamma) / units
+        return ((model(xt, t, y).float() - target) ** 2).mean((1, 2, 3)).mean()  # per image, then over the batch
 
     def denoise(self, out, x, t):
         """Model output at step t -> (x0, ε) estimates, x0 clipped to the data range [-1, 1]."""
         ab = self.abar[t]
         if self.prediction == "eps":
-            x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()
+            x0 = (x - (1 - ab).sqrt() * out) / ab.sqrt()  # x0 = (x - √(1-ᾱ) ε) / √ᾱ
         elif self.prediction == "v":
-            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out
-        elif self.prediction == "edm":
-            _, c_skip, c_out = self.precond(ab)
-            x0 = c_skip * x + c_out * out
+            x0 = ab.sqrt() * x - (1 - ab).sqrt() * out  # x0 = √ᾱ x - √(1-ᾱ) v
         else:
             x0 = out
         x0 = x0.clamp(-1, 1)
-        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return x0, (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # ε = (x - √ᾱ x0) / √(1-ᾱ)
 
     def guided(self, model, x, t, y, scale, amp=False):
-        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional.
-        Scales above 1 act only where σ lies in cfg_interval, elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at
-        pure noise, every sample starts from its class's extrapolated mean and the samples lose their variety."""
+        """CFG in one batched forward: out = out_null + s (out_cond - out_null); s = 0 unconditional, 1 conditional,
+        None: one forward, no guidance (an unconditional model). Scales above 1 act only where σ lies in cfg_interval,
+        elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at pure noise, every sample starts from its class's
+        extrapolated mean and the samples lose their variety."""
+        tt = torch.full((len(x),), t, device=x.device)
         lo, hi = self.cfg_interval
         sigma = ((1 - self.abar[t]) / self.abar[t]).sqrt().item()  # σ = √((1-ᾱ)/ᾱ), noise over signal
-        if not lo < sigma <= hi:
+        if scale is not None and not lo < sigma <= hi:
             scale = torch.as_tensor(scale).clamp(max=1.0)
-        tt = torch.full((len(y),), t, device=y.device)
-        null = torch.full_like(y, self.null)
-        x_in = self.precond(self.abar[t])[0] * x  # c_in x_t
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([y, null]))
+            if scale is None:
+                return model(x, tt, y).float()
+            out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)]))
         cond, uncond = out.float().chunk(2)
         return uncond + scale * (cond - uncond)
 
     @torch.no_grad()
-    def sample(self, model, y, scale, sampler="dpm++", steps=20, eta=0.0, gen=None, frames=0, amp=False):
-        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the reverse process). ddpm: ancestral over
-        all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η; dpm++: DPM-Solver++(2M)."""
-        shape = (len(y), model.channels, model.grid * model.patch, model.grid * model.patch)
+    def sample(self, model, shape, y, scale, sampler="dpm++", steps=10, eta=0.0, gen=None, frames=0, amp=False):
+        """Draw images of `shape` (N, C, H, W) in [-1, 1] for labels y (N,) on y's device, and up to `frames` snapshots
+        of the reverse process. ddpm: ancestral over all T steps (= DDIM with η = 1); ddim: `steps` steps, noise η;
+        dpm++: DPM-Solver++(2M)."""
+        self.abar = self.abar.to(y.device)
         x = torch.randn(shape, device=y.device, generator=gen)
         if sampler == "ddpm":  # every step T-1, ..., 0, with η = 1
             steps, eta = self.T, 1.0
@@ -327,7 +280,9 @@ class Diffusion:
             x0, eps = self.denoise(self.guided(model, x, t, y, scale, amp), x, t)
             if sampler == "dpm++":  # multistep in λ = log(√ᾱ / √(1-ᾱ)) on the data prediction (Lu et al. 2022)
                 h = 0.5 * (torch.log(ab_s / (1 - ab_s)) - torch.log(ab / (1 - ab)))  # λ_s - λ_t, +∞ into s = -1
-                D = x0  # 1st order on the first step and on the last (into s = -1)
+                # 1st order on the first step and on the last two, into step 0 and into the clean image (s = -1):
+                # second order into step 0 measured worse
+                D = x0
                 if x0_prev is not None and s > 0:  # 2nd order: D = (1 + 1/2r) x0_i - 1/2r x0_{i-1}
                     r = h_prev / h
                     D = (1 + 1 / (2 * r)) * x0 - 1 / (2 * r) * x0_prev
@@ -347,91 +302,58 @@ class Diffusion:
 # ----------------------------------------------------------------------------- training
 def outputs(a, obj, ema, dev, tag, npz=False):
     """One sampling: a grid per CFG scale and the GIF (tag e001, ... or sample); with npz also samples.npz."""
+    C, S, K = DATA[a.dataset]
+
     def draw(y, scale, gen, frames=0):
-        return obj.sample(ema, y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
+        return obj.sample(ema, (len(y), C, S, S), y, scale, a.sampler, a.sample_steps, a.eta, gen, frames, a.amp)
     if tag:
-        save_samples(draw, dev, ema.num_classes, a.cfg_scales, a.out_dir, tag, a.seed)
+        save_samples(draw, dev, K, a.cfg_scales, a.out_dir, tag, a.seed)
     if npz and a.num_samples:
-        write_npz(draw, dev, a.num_samples, ema.num_classes, a.sample_cfg, a.out_dir, a.seed, sampler=a.sampler,
-                  sample_steps=a.timesteps if a.sampler == "ddpm" else a.sample_steps, eta=a.eta,
+        ddpm = a.sampler == "ddpm"  # ancestral: all T steps, η = 1
+        write_npz(draw, dev, a.num_samples, K, a.sample_cfg, a.out_dir, a.seed, sampler=a.sampler,
+                  sample_steps=a.timesteps if ddpm else a.sample_steps, eta=1.0 if ddpm else a.eta,
                   cfg_interval=a.cfg_interval)
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device as uint8, shuffled per epoch by index; host syncs only to log."""
+    """The training loop, each step whole: a batch, the learning rate, the loss, backward, clipping, the optimiser
+    step and the EMA. `run` (harness.py) keeps the books: the shuffle, the progress line, Ctrl-C, and at each epoch's
+    end the checkpoint and the grids. Data stays on the device as uint8; the host syncs only to log."""
     x_all, y_all = (t.to(dev) for t in data)
-    B = a.batch_size
-    path = f"{a.out_dir}/ckpt.pt"
-    per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total = a.max_steps or a.epochs * per_epoch  # the LR schedule spans the run
-    say = print if rank == 0 else lambda *_, **__: None
-    if ckpt:  # a resume: the step, the loss rows, and the loss summed since the last row
-        step, log = ckpt["step"], ckpt["loss_log"]
-        acc, n = ckpt["loss_acc"]
-    else:
-        step, log = 0, []
-        acc, n = 0.0, 0
-    acc = torch.tensor(acc).to(dev)
+    run = Run(a, SCRIPT, model, ema, opt, len(x_all), ckpt, dev, rank, world, partial(outputs, a, obj, ema, dev))
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    say(f"training {params:.3g}M params on {len(x_all)} images, {world} process(es) x batch {B}, "
-        f"steps {step}..{total}, {dev}, amp {a.amp}")
-    start, t_start = step, time.time()
-    s0, t0 = step, time.time()  # img/s and ETA count training steps only
-    halt = False
-    with stop_signals() as stop:
-        while step < total and not halt:
-            epoch, i0 = divmod(step, per_epoch)
-            gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)  # the same order on every rank, and on resume
-            perm = torch.randperm(len(x_all), generator=gen).to(dev)
-            for i in range(i0, per_epoch):
-                idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
-                x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
-                lr = lr_at(step, a.lr, a.warmup_steps, total)
-                acc += train_step(a, net, opt, obj, x, y_all[idx], lr)
-                ema_update(ema, model, step, a.ema_decay)
-                step += 1
-                n += 1
-                if step % a.log_every == 0 or step == total:
-                    log.append((step, acc.item() / n))  # the only host sync
-                    if not math.isfinite(log[-1][1]):
-                        raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
-                    ips = (step - s0) * B * world / (time.time() - t0)
-                    eta = (total - step) * B * world / ips / 60
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} "
-                        f"img/s {ips:.0f} eta {eta:.1f} min", flush=True)
-                    acc, n = acc * 0, 0
-                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
-                if step == total or halt:
-                    break
-            if rank == 0:  # the checkpoint first: sampling cannot lose it
-                rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), loss_log=log, loss_acc=(acc.item(), n),
-                                     **state), path)
-                save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
-                    outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
-            s0, t0 = step, time.time()
-    halt = halt or bool(stop)  # a signal during the last save stops the run too
-    if halt:
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
-    else:
-        say(f"trained {step - start} steps in {time.time() - t_start:.1f} s (with checkpoints and grids)")
-    return halt
+    warmup = min(a.warmup_steps, run.total // 2)  # at most half the run, so that every run decays
+    for idx in run.batches():  # this process's indices of the step's batch
+        x = x_all[idx].float() / 127.5 - 1  # uint8 -> [-1, 1]
+        step = run.step
+        if step < warmup:  # learning rate: linear warm-up, then cosine decay to 0 at the run's last step
+            lr = a.lr * (step + 1) / warmup
+        else:
+            lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (run.total - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp):
+            loss = obj.loss(net, x, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights; its decay grows as (1+step)/(10+step), so short runs average too
+            for e, w in zip(ema.parameters(), model.parameters()):
+                e.lerp_(w, 1 - min(a.ema_decay, (1 + step) / (10 + step)))  # e += (1 - decay) (w - e)
+        run.log(loss.detach())  # the step is done: a progress line every --log-every steps
+    return run.end()
 
 
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, num_classes=K, stem=a.stem_channels,
-                skips=a.skips, out_conv=a.out_conv).to(dev)
+    model = DiT(S, C, K, a.patch_size, a.hidden_size, a.depth, a.num_heads, stem_channels=a.stem_channels,
+                out_conv=a.out_conv).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
                             fused=dev.type == "cuda")
-    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.snr_gamma, a.label_dropout, K, dev, a.sigma_data,
-                    a.t_sampling, a.cfg_interval)
+    obj = Diffusion(a.timesteps, a.schedule, a.prediction, a.label_dropout, a.cfg_interval)
     return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 

@@ -14,17 +14,17 @@ generated, 4 channels side by side) and metrics.csv (class match to the nearest 
 import argparse
 import copy
 import math
-import shlex
-import time
+import os
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (
-    any_rank, claim_out_dir, cli, count, ema_update, fraction, leave_group, load_dataset, load_state, lr_at, nonneg,
-    parse_args, Parser, pick_device, pos_embed_2d, positive, save_checkpoint, save_loss, save_samples, seed, size,
-    stop_signals, timestep_embedding, to_image, train_step, UsageError, write_npz,
+from common import atomic_write, pos_embed_2d, save_image, save_samples, timestep_embedding, to_image
+from harness import (
+    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
+    pick_device, positive, Run, seed, size, UsageError, write_npz,
 )
 
 SCRIPT = "dit_flow"
@@ -36,6 +36,7 @@ QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=4
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
+    d = defaults(DiT, Flow, Flow.sample)  # the classes' defaults are the recipe: the flags take them
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small CPU recipe: " + str(QUICK).replace("%", "%%"))
     p.add_argument("--dataset", default="patterns", choices=DATA, help="patterns: synthetic, 4 classes, 32x32x4")
@@ -43,20 +44,20 @@ def get_parser():
     p.add_argument("--out-dir", default=f"runs/{SCRIPT}")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=seed, default=0)
-    p.add_argument("--hidden-size", type=size, default=256)
-    p.add_argument("--depth", type=size, default=6)
-    p.add_argument("--num-heads", type=size, default=8)
-    p.add_argument("--patch-size", type=size, default=2)
-    p.add_argument("--stem-channels", type=count, default=32,
+    p.add_argument("--hidden-size", type=size, default=d["hidden_size"])
+    p.add_argument("--depth", type=size, default=d["depth"])
+    p.add_argument("--num-heads", type=size, default=d["num_heads"])
+    p.add_argument("--patch-size", type=size, default=d["patch_size"])
+    p.add_argument("--stem-channels", type=count, default=d["stem_channels"],
                    help="two 3x3 convs of this width before patchify (0: none)")
-    p.add_argument("--skips", action=argparse.BooleanOptionalAction, default=False, help="U-ViT long skips")
-    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=d["out_conv"],
                    help="a zero-initialised residual 3x3 conv after unpatchify")
-    p.add_argument("--t-sampling", default="logit-normal", choices=["uniform", "logit-normal"], help="training times t")
-    p.add_argument("--prediction", default="x1", choices=["v", "x1", "edm"],
-                   help="what the network predicts: velocity, data, or data with EDM's preconditioning")
-    p.add_argument("--sigma-data", type=positive, default=0.5, help="EDM's data standard deviation (--prediction edm)")
-    p.add_argument("--label-dropout", type=fraction, default=0.1, help="share of null labels in training (for CFG)")
+    p.add_argument("--t-sampling", default=d["t_sampling"], choices=["uniform", "logit-normal"],
+                   help="training times t")
+    p.add_argument("--prediction", default=d["prediction"], choices=["v", "x1"],
+                   help="the network's target: the velocity or the data")
+    p.add_argument("--label-dropout", type=fraction, default=d["label_dropout"],
+                   help="share of null labels in training (for CFG)")
     p.add_argument("--epochs", type=size, default=50)
     p.add_argument("--max-steps", type=count, default=0,
                    help="run length in steps, the LR schedule spans it (0: --epochs)")
@@ -73,12 +74,13 @@ def get_parser():
     p.add_argument("--resume", default="", help="continue the run of this checkpoint (its flags come with it)")
     p.add_argument("--sample-only", action="store_true", help="only sample from --ckpt")
     p.add_argument("--ckpt", default="")
-    p.add_argument("--sampler", default="euler", choices=["euler", "heun"], help="heun: 2nd order, last step Euler")
-    p.add_argument("--sample-steps", type=size, default=20, help="integration steps from t = 0 to 1")
+    p.add_argument("--sampler", default=d["sampler"], choices=["euler", "heun"],
+                   help="heun: 2nd order, last step Euler")
+    p.add_argument("--sample-steps", type=size, default=d["steps"], help="integration steps from t = 0 to 1")
     p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
     p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
-    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=[0.3, 6.0], metavar=("LO", "HI"),
+    p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=list(d["cfg_interval"]), metavar=("LO", "HI"),
                    help="scales above 1 only at noise levels σ = (1-t)/t in (LO, HI] (0 1e9: at every step)")
     return p
 
@@ -177,37 +179,38 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    """Conv stem -> patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y), the second half
-    fed by long skips from the first -> unpatchify -> a zero-initialised residual 3x3 conv."""
-    def __init__(self, img_size=28, channels=1, patch=4, dim=384, depth=12, heads=6, mlp_ratio=4.0, num_classes=10,
-                 freq_dim=256, stem=0, skips=False, out_conv=False):
+    """Conv stem -> patchify -> + fixed 2-D position table -> adaLN-Zero blocks conditioned on (t, y) -> unpatchify ->
+    a zero-initialised residual 3x3 conv. The defaults are the script's (reference) recipe."""
+    def __init__(self, img_size, channels, num_classes, patch_size=2, hidden_size=256, depth=6, num_heads=8,
+                 mlp_ratio=4.0, stem_channels=32, out_conv=True, freq_dim=256):
         super().__init__()
+        if hidden_size % math.lcm(4, num_heads) or img_size % patch_size:  # the 2-D table: 4 channels a frequency
+            raise ValueError("hidden_size must be a multiple of 4 and of num_heads, and patch_size divide img_size")
+        D, p = hidden_size, patch_size
         self.channels = channels
-        self.patch = patch
-        self.grid = img_size // patch  # tokens per side
+        self.patch = p
+        self.grid = img_size // p  # tokens per side
         self.freq_dim = freq_dim
-        self.num_classes = num_classes  # label `num_classes` is the null label used for CFG
+        self.num_classes = num_classes  # y_embed's last row is the null label's (y = -1)
         # stem: two 3x3 convs at full resolution see the pixels around each patch's edge before it becomes a token
         self.stem = nn.Identity()
-        if stem:
-            self.stem = nn.Sequential(nn.Conv2d(channels, stem, 3, padding=1), nn.GELU(),
-                                      nn.Conv2d(stem, stem, 3, padding=1), nn.GELU())
-        self.patch_embed = nn.Conv2d(stem or channels, dim, kernel_size=patch, stride=patch)
-        self.register_buffer("pos_embed", pos_embed_2d(dim, self.grid)[None], persistent=False)  # (1, T, D)
-        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.y_embed = nn.Embedding(num_classes + 1, dim)  # one extra row: the null class
-        self.blocks = nn.ModuleList(DiTBlock(dim, heads, mlp_ratio) for _ in range(depth))
-        # long skips (U-ViT): block depth-1-i also takes block i's output, concatenated and projected back to D
-        self.skips = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(depth // 2 if skips else 0))
-        self.final_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))  # shift, scale
-        self.final = nn.Linear(dim, patch * patch * channels)  # each token -> its patch's pixels
+        if stem_channels:
+            self.stem = nn.Sequential(nn.Conv2d(channels, stem_channels, 3, padding=1), nn.GELU(),
+                                      nn.Conv2d(stem_channels, stem_channels, 3, padding=1), nn.GELU())
+        self.patch_embed = nn.Conv2d(stem_channels or channels, D, kernel_size=p, stride=p)
+        self.register_buffer("pos_embed", pos_embed_2d(D, self.grid)[None], persistent=False)  # (1, T, D)
+        self.t_mlp = nn.Sequential(nn.Linear(freq_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.y_embed = nn.Embedding(num_classes + 1, D)  # one extra row: the null label
+        self.blocks = nn.ModuleList(DiTBlock(D, num_heads, mlp_ratio) for _ in range(depth))
+        self.final_norm = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))  # shift, scale
+        self.final = nn.Linear(D, p * p * channels)  # each token -> its patch's pixels
         self.out_conv = nn.Conv2d(channels, channels, 3, padding=1) if out_conv else None  # smooths patch seams
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.xavier_uniform_(self.patch_embed.weight.view(dim, -1))  # like a Linear on the flattened patch
+        nn.init.xavier_uniform_(self.patch_embed.weight.view(D, -1))  # like a Linear on the flattened patch
         nn.init.zeros_(self.patch_embed.bias)
         nn.init.normal_(self.y_embed.weight, std=0.02)
         for m in self.t_mlp[0::2]:
@@ -225,20 +228,15 @@ class DiT(nn.Module):
         x = x.view(N, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4)  # (N, C, g, p, g, p): row of patches, row in patch
         return x.reshape(N, C, g * p, g * p)
 
-    def forward(self, x, t, y):  # x (N, C, H, W), t (N,) time in [0, 1], y (N,) label or null
+    def forward(self, x, t, y):  # x (N, C, H, W), t (N,) time in [0, 1], y (N,) label, -1: the null label
         x = self.patch_embed(self.stem(x))  # (N, D, H/p, W/p)
         x = x.flatten(2).transpose(1, 2) + self.pos_embed  # (N, T, D)
+        y = torch.where(y < 0, self.num_classes, y)  # the null label's row
         # t is embedded as 1000 t: with raw t in [0, 1], the sin-cos periods of up to 10000 would leave most
         # frequencies nearly constant; 1000 t spans them like DDPM's integer timesteps do.
         c = self.t_mlp(timestep_embedding(1000 * t, self.freq_dim)) + self.y_embed(y)  # (N, D)
-        early = []
-        for i, blk in enumerate(self.blocks):
-            j = len(self.blocks) - 1 - i  # the block this one mirrors
-            if j < len(self.skips):  # the second half: concatenate the mirrored block's output
-                x = self.skips[j](torch.cat([x, early.pop()], dim=-1))
+        for blk in self.blocks:
             x = blk(x, c)
-            if i < len(self.skips):
-                early.append(x)
         shift, scale = self.final_adaLN(c).chunk(2, dim=1)
         x = self.final(modulate(self.final_norm(x), shift, scale))  # (N, T, p*p*C)
         x = self.unpatchify(x)  # (N, C, H, W)
@@ -247,73 +245,55 @@ class DiT(nn.Module):
 
 # ----------------------------------------------------------------------------- flow matching
 class Flow:
-    """Flow matching on the straight path from noise x0 (t = 0) to data x1 (t = 1); Euler / Heun sampling with CFG."""
-    def __init__(self, t_sampling="uniform", prediction="v", label_dropout=0.1, num_classes=10, sigma_data=0.5,
-                 cfg_interval=(0.0, math.inf)):
+    """Flow matching on the straight path from noise x0 (t = 0) to data x1 (t = 1); Euler / Heun sampling with CFG.
+    Label -1 is the null label: training drops labels to it, guidance contrasts with it. Defaults: the recipe."""
+    def __init__(self, t_sampling="logit-normal", prediction="x1", label_dropout=0.1, cfg_interval=(0.3, 6.0)):
         self.t_sampling = t_sampling
-        self.cfg_interval = cfg_interval
         self.prediction = prediction
         self.label_dropout = label_dropout
-        self.null = num_classes  # label `num_classes` is the null label
-        self.sigma_data = sigma_data
+        self.cfg_interval = cfg_interval
 
-    def sample_t(self, n, device):  # uniform, or logit-normal t = σ(u), u ~ N(0, 1) (more weight mid-path: SD3)
+    def sample_t(self, n, device):  # uniform, or logit-normal t = sigmoid(u), u ~ N(0, 1) (more weight mid-path: SD3)
         if self.t_sampling == "logit-normal":
             return torch.sigmoid(torch.randn(n, device=device))
         return torch.rand(n, device=device)
 
-    def precond(self, t):
-        """(c_in, c_skip, c_out) at t: the network sees c_in x_t; for edm x1 = c_skip x_t + c_out F (else c_in = 1).
-        EDM's recipe on this path: with Var x0 = 1, Var x1 = σd² and k = (1-t)² + t²σd² = Var x_t, c_in = 1/√k,
-        c_skip = tσd²/k (the best linear guess of x1 from x_t) and c_out = σd(1-t)/√k (the spread it leaves)."""
-        t = torch.as_tensor(t)
-        if self.prediction != "edm":
-            return torch.ones_like(t), None, None
-        sd2 = self.sigma_data ** 2
-        k = (1 - t) ** 2 + t ** 2 * sd2
-        return k.rsqrt(), t * sd2 / k, self.sigma_data * (1 - t) / k.sqrt()
-
     def loss(self, model, x1, y):
-        """E_t,x0 ||target - model(x_t, t, y)||², target v, x1 or edm's unit-variance F (in x1 units v weighs t by
-        1/(1-t)², x1 evenly), labels dropped to null for CFG; data x1 in [-1, 1], noise x0 ~ N(0, I)."""
-        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, self.null, y)
+        """E_t,x0 ||target - model(x_t, t, y)||², target v or x1 (in x1 units v weighs t by 1/(1-t)², x1 evenly),
+        labels dropped to null for CFG; data x1 in [-1, 1], noise x0 ~ N(0, I)."""
+        y = torch.where(torch.rand(len(y), device=y.device) < self.label_dropout, -1, y)
         t = self.sample_t(len(y), y.device)
         x0 = torch.randn_like(x1)
         tt = t.view(-1, 1, 1, 1)
         xt = (1 - tt) * x0 + tt * x1  # x_t = (1-t) x0 + t x1
-        c_in, c_skip, c_out = self.precond(tt)
-        if self.prediction == "edm":
-            target = (x1 - c_skip * xt) / c_out
-        elif self.prediction == "v":
-            target = x1 - x0  # v = dx_t/dt = x1 - x0
-        else:
-            target = x1
-        return ((model(c_in * xt, t, y).float() - target) ** 2).mean()
+        target = x1 - x0 if self.prediction == "v" else x1  # v = dx_t/dt = x1 - x0
+        return ((model(xt, t, y).float() - target) ** 2).mean()
 
     def guided(self, model, x, t, y, scale, amp=False):
         """CFG in one batched forward: out = out_null + s (out_cond - out_null), then the velocity; x1 is clipped.
-        Scales above 1 act only where σ lies in cfg_interval, elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at
-        pure noise, every sample starts from its class's extrapolated mean and the samples lose their variety."""
+        s = 0 unconditional, 1 conditional, None: one forward, no guidance. Scales above 1 act only where σ lies in
+        cfg_interval, elsewhere s = 1 (Kynkäänniemi et al. 2024): guided at pure noise, every sample starts from its
+        class's extrapolated mean and the samples lose their variety."""
+        tt = torch.full((len(x),), t, device=x.device)
         lo, hi = self.cfg_interval
         sigma = (1 - t) / t if t > 0 else math.inf  # x_t / t = x1 + σ x0: noise over signal
-        if not lo < sigma <= hi:
+        if scale is not None and not lo < sigma <= hi:
             scale = torch.as_tensor(scale).clamp(max=1.0)
-        tt = torch.full((len(y),), t, device=y.device)
-        null = torch.full_like(y, self.null)
-        c_in, c_skip, c_out = self.precond(t)
-        x_in = c_in * x
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            cond, uncond = model(torch.cat([x_in, x_in]), torch.cat([tt, tt]), torch.cat([y, null])).float().chunk(2)
-        out = uncond + scale * (cond - uncond)
+            if scale is None:  # one forward, no guidance
+                out = model(x, tt, y).float()
+            else:
+                both = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, -1)]))
+                cond, uncond = both.float().chunk(2)
+                out = uncond + scale * (cond - uncond)
         if self.prediction == "v":
             return out
-        x1 = c_skip * x + c_out * out if self.prediction == "edm" else out
-        return (x1.clamp(-1, 1) - x) / (1 - t)  # v = (x1 - x_t) / (1 - t), t < 1
+        return (out.clamp(-1, 1) - x) / (1 - t)  # v = (x1 - x_t) / (1 - t), t < 1
 
     @torch.no_grad()
-    def sample(self, model, y, scale, sampler="euler", steps=20, gen=None, frames=0, amp=False):
-        """Draw len(y) images in [-1, 1] (and up to `frames` snapshots of the trajectory) from noise at t = 0."""
-        shape = (len(y), model.channels, model.grid * model.patch, model.grid * model.patch)
+    def sample(self, model, shape, y, scale, sampler="euler", steps=20, gen=None, frames=0, amp=False):
+        """Draw images of `shape` (N, C, H, W) in [-1, 1] for labels y (N,) on y's device from noise at t = 0, and up
+        to `frames` snapshots of the trajectory."""
         x = torch.randn(shape, device=y.device, generator=gen)
         x, snaps = self.integrate(lambda x, t: self.guided(model, x, t, y, scale, amp), x, steps, sampler, frames)
         return x.clamp(-1, 1), snaps
@@ -338,15 +318,17 @@ class Flow:
 # ----------------------------------------------------------------------------- training
 def outputs(a, obj, ema, dev, tag, npz=False):
     """One sampling: grids, the GIF and (npz) samples.npz; on patterns also compare_TAG.png and the template scores."""
+    C, S, K = DATA[a.dataset]
+
     def draw(y, scale, gen, frames=0):
-        return obj.sample(ema, y, scale, a.sampler, a.sample_steps, gen, frames, a.amp)
-    K, sets = ema.num_classes, []
+        return obj.sample(ema, (len(y), C, S, S), y, scale, a.sampler, a.sample_steps, gen, frames, a.amp)
+    sets = []
     if tag:
         x, y = save_samples(draw, dev, K, a.cfg_scales, a.out_dir, tag, a.seed, viewable)
         sets = [(f"{tag} cfg {s:g}", x[i * K * 10:(i + 1) * K * 10], y[:K * 10]) for i, s in enumerate(a.cfg_scales)]
         if a.dataset == "patterns":  # row 1 real, row 2 the first sample of each class at the last scale
             real_and_ours = torch.cat([make_patterns(a.seed, K)[0].to(dev), x[-K * 10::10]])
-            to_image(viewable(real_and_ours, True), K).save(f"{a.out_dir}/compare_{tag}.png")
+            save_image(to_image(viewable(real_and_ours, True), K), f"{a.out_dir}/compare_{tag}.png")
     if npz and a.num_samples:
         sets += [("samples.npz", *write_npz(draw, dev, a.num_samples, K, a.sample_cfg, a.out_dir, a.seed,
                                             sampler=a.sampler, sample_steps=a.sample_steps,
@@ -354,84 +336,51 @@ def outputs(a, obj, ema, dev, tag, npz=False):
     for what, x, y in sets if a.dataset == "patterns" else []:  # printed, and a row of metrics.csv
         row = [what, len(x), a.sampler, a.sample_steps, *template_scores(x, y)]
         print("{}: {} samples, {} {} steps: class match {:.1%}, RMS to template {:.4f}".format(*row))
-        with open(f"{a.out_dir}/metrics.csv", "a") as f:
-            f.write("what,n,sampler,sample_steps,class_match,rms\n" * (f.tell() == 0) + ",".join(map(str, row)) + "\n")
+        path = f"{a.out_dir}/metrics.csv"
+        rows = open(path).read() if os.path.exists(path) else "what,n,sampler,sample_steps,class_match,rms\n"
+        atomic_write(path, lambda f: f.write((rows + ",".join(map(str, row)) + "\n").encode()))
 
 
 def train(a, model, ema, opt, obj, data, ckpt, dev, rank=0, world=1):
-    """The loop: data on the device (uint8 or float patterns), shuffled per epoch by index; host syncs only to log."""
+    """The training loop, each step whole: a batch, the learning rate, the loss, backward, clipping, the optimiser
+    step and the EMA. `run` (harness.py) keeps the books: the shuffle, the progress line, Ctrl-C, and at each epoch's
+    end the checkpoint and the grids. Data stays on the device (uint8, or the float patterns); the host syncs
+    only to log."""
     x_all, y_all = (t.to(dev) for t in data)
-    B = a.batch_size
-    path = f"{a.out_dir}/ckpt.pt"
-    per_epoch = len(x_all) // (B * world)  # every rank takes its own B images of the shared permutation
-    total = a.max_steps or a.epochs * per_epoch  # the LR schedule spans the run
-    say = print if rank == 0 else lambda *_, **__: None
-    if ckpt:  # a resume: the step, the loss rows, and the loss summed since the last row
-        step, log = ckpt["step"], ckpt["loss_log"]
-        acc, n = ckpt["loss_acc"]
-    else:
-        step, log = 0, []
-        acc, n = 0.0, 0
-    acc = torch.tensor(acc).to(dev)
+    run = Run(a, SCRIPT, model, ema, opt, len(x_all), ckpt, dev, rank, world, partial(outputs, a, obj, ema, dev))
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     net = torch.compile(net) if a.compile else net
-    params = sum(p.numel() for p in model.parameters()) / 1e6
-    say(f"training {params:.3g}M params on {len(x_all)} images, {world} process(es) x batch {B}, "
-        f"steps {step}..{total}, {dev}, amp {a.amp}")
-    start, t_start = step, time.time()
-    s0, t0 = step, time.time()  # img/s and ETA count training steps only
-    halt = False
-    with stop_signals() as stop:
-        while step < total and not halt:
-            epoch, i0 = divmod(step, per_epoch)
-            gen = torch.Generator().manual_seed(a.seed * 1000 + epoch)  # the same order on every rank, and on resume
-            perm = torch.randperm(len(x_all), generator=gen).to(dev)
-            for i in range(i0, per_epoch):
-                idx = perm[(i * world + rank) * B:(i * world + rank + 1) * B]
-                x = x_all[idx].float() / 127.5 - 1 if x_all.dtype == torch.uint8 else x_all[idx]  # -> [-1, 1]
-                lr = lr_at(step, a.lr, a.warmup_steps, total)
-                acc += train_step(a, net, opt, obj, x, y_all[idx], lr)
-                ema_update(ema, model, step, a.ema_decay)
-                step += 1
-                n += 1
-                if step % a.log_every == 0 or step == total:
-                    log.append((step, acc.item() / n))  # the only host sync
-                    if not math.isfinite(log[-1][1]):
-                        raise UsageError(f"loss is {log[-1][1]} at step {step}; stopped (try a lower --lr)", 1)
-                    ips = (step - s0) * B * world / (time.time() - t0)
-                    eta = (total - step) * B * world / ips / 60
-                    say(f"epoch {epoch + 1}/{-(-total // per_epoch)} step {step}/{total} loss {log[-1][1]:.4f} "
-                        f"img/s {ips:.0f} eta {eta:.1f} min", flush=True)
-                    acc, n = acc * 0, 0
-                halt = (world == 1 or step % a.log_every == 0) and any_rank(stop, world, dev)  # same step on all ranks
-                if step == total or halt:
-                    break
-            if rank == 0:  # the checkpoint first: sampling cannot lose it
-                rng = [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if dev.type == "cuda" else [])]
-                state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), rng=rng)
-                save_checkpoint(dict(script=SCRIPT, step=step, args=vars(a), loss_log=log, loss_acc=(acc.item(), n),
-                                     **state), path)
-                save_loss(log, a.out_dir, f"{SCRIPT}: training loss")
-                if step % per_epoch == 0 or step == total:  # an epoch's end, or the run's
-                    outputs(a, obj, ema, dev, f"e{-(-step // per_epoch):03d}")
-            s0, t0 = step, time.time()
-    halt = halt or bool(stop)  # a signal during the last save stops the run too
-    if halt:
-        launcher = f"torchrun --nproc_per_node={world}" if world > 1 else "python"
-        say(f"stopped at step {step}; resume with:\n  {launcher} {SCRIPT}.py --resume {shlex.quote(path)}")
-    else:
-        say(f"trained {step - start} steps in {time.time() - t_start:.1f} s (with checkpoints and grids)")
-    return halt
+    warmup = min(a.warmup_steps, run.total // 2)  # at most half the run, so that every run decays
+    for idx in run.batches():  # this process's indices of the step's batch
+        x = x_all[idx].float() / 127.5 - 1 if x_all.dtype == torch.uint8 else x_all[idx]  # -> [-1, 1]
+        step = run.step
+        if step < warmup:  # learning rate: linear warm-up, then cosine decay to 0 at the run's last step
+            lr = a.lr * (step + 1) / warmup
+        else:
+            lr = a.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (run.total - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.amp):
+            loss = obj.loss(net, x, y_all[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA of the weights; its decay grows as (1+step)/(10+step), so short runs average too
+            for e, w in zip(ema.parameters(), model.parameters()):
+                e.lerp_(w, 1 - min(a.ema_decay, (1 + step) / (10 + step)))  # e += (1 - decay) (w - e)
+        run.log(loss.detach())  # the step is done: a progress line every --log-every steps
+    return run.end()
 
 
 def build(a, dev):
     """The model, its EMA copy, the optimiser and the objective for these flags."""
     C, S, K = DATA[a.dataset]
-    model = DiT(S, C, a.patch_size, a.hidden_size, a.depth, a.num_heads, num_classes=K, stem=a.stem_channels,
-                skips=a.skips, out_conv=a.out_conv).to(dev)
+    model = DiT(S, C, K, a.patch_size, a.hidden_size, a.depth, a.num_heads, stem_channels=a.stem_channels,
+                out_conv=a.out_conv).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=(0.9, a.beta2), weight_decay=a.weight_decay,
                             fused=dev.type == "cuda")
-    obj = Flow(a.t_sampling, a.prediction, a.label_dropout, K, a.sigma_data, a.cfg_interval)
+    obj = Flow(a.t_sampling, a.prediction, a.label_dropout, a.cfg_interval)
     return model, copy.deepcopy(model).requires_grad_(False).eval(), opt, obj
 
 

@@ -7,7 +7,9 @@ and recall, all in the feature space of a small CNN classifier that this script 
 
 The first run per dataset trains the classifier on the training split, prints its test accuracy and caches
 it as <cache-dir>/classifier-<dataset>-<hash>.pt (default cache-dir: <data-dir>/evaluate_cache; the hash
-covers every setting that changes the weights); later runs load it. Prints one table and writes
+covers every setting that changes the weights and the content of the data: the training images and labels it
+learns from and the test split its reported accuracy is of, so other data of the same size, wherever it lies,
+trains its own classifier); later runs with the same data load it. Prints one table and writes
 SAMPLES.eval.json beside SAMPLES.npz:
   FID          Fréchet distance between Gaussians fitted to the penultimate features of the samples and
                of the test split; lower is better
@@ -28,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (
+from common import atomic_write
+from harness import (
     Parser,
     UsageError,
-    atomic_write,
     cli,
     count,
     load_checkpoint,
@@ -159,10 +161,20 @@ def embed(model, x, dev, batch=1000):
     return torch.cat(feats).double().cpu(), torch.cat(preds)
 
 
+def fingerprint(*tensors):
+    """SHA-1 of the tensors' dtypes, shapes and bytes: the same data, wherever it lies, gives the same hex digest."""
+    h = hashlib.sha1()
+    for t in tensors:
+        h.update(f"{t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.contiguous().numpy())
+    return h.hexdigest()
+
+
 def get_classifier(a, dev, train, test):
-    """The cached classifier for these settings, or a freshly trained one (test accuracy reported, then cached)."""
+    """The cached classifier for these settings and this data (a hash of the training and test images and labels, so
+    other data of the same size trains its own), or a freshly trained one (test accuracy reported, then cached)."""
     settings = {"dataset": a.dataset, "epochs": a.classifier_epochs, "seed": a.seed, "arch": ARCH,
-                "n_train": len(train[0])}
+                "n_train": len(train[0]), "data": fingerprint(*train, *test)}
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(a.cache_dir, f"classifier-{a.dataset}-{key}.pt")
     if os.path.isfile(path):

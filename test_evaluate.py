@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import harness
 import evaluate
 
 FAST = ["--classifier-epochs", "2", "--device", "cpu"]
@@ -19,7 +19,7 @@ FAST = ["--classifier-epochs", "2", "--device", "cpu"]
 
 def run(argv, capsys):
     """evaluate.main in-process -> (exit code, everything printed)."""
-    code = common.cli(evaluate.main, argv)
+    code = harness.cli(evaluate.main, argv)
     cap = capsys.readouterr()
     return code, cap.out + cap.err
 
@@ -77,6 +77,19 @@ def test_gaussian_matches_numpy():
     assert np.allclose(cov.numpy(), np.cov(f.numpy(), rowvar=False))
 
 
+def test_fingerprint_is_the_datas_content():
+    # the classifier cache's key: equal data hashes equal wherever it came from; other bytes, shape or dtype do not
+    x = torch.arange(24, dtype=torch.uint8).view(2, 1, 3, 4)
+    y = torch.tensor([0, 1])
+    same = evaluate.fingerprint(x, y)
+    assert evaluate.fingerprint(x.clone(), y.clone()) == same
+    assert evaluate.fingerprint(x.transpose(2, 3).transpose(2, 3), y) == same  # a view of the same images
+    assert evaluate.fingerprint(x.flip(0), y) != same
+    assert evaluate.fingerprint(x, y.flip(0)) != same
+    assert evaluate.fingerprint(x.view(2, 1, 4, 3), y) != same  # the same bytes in another shape
+    assert evaluate.fingerprint(x.long(), y) != same
+
+
 # ----------------------------------------------------------------------------- precision / recall
 def test_knn_radii_and_manifold_on_a_line():
     ref = torch.arange(10, dtype=torch.float64)[:, None]  # points 0..9; 3rd nearest other point: 3 at the ends, else 2
@@ -100,7 +113,7 @@ def write_npz(path, **arrays):
 
 
 def test_real_test_images_score_perfect_and_noise_does_not(fake_mnist, cache, tmp_path, capsys):
-    x, y = common.load_dataset("mnist", fake_mnist, evaluate.DATA_SHAPES["mnist"], train=False)
+    x, y = harness.load_dataset("mnist", fake_mnist, evaluate.DATA_SHAPES["mnist"], train=False)
     images = x.numpy().astype(np.float32) / 255
     real = write_npz(tmp_path / "real.npz", x=images, y=y.numpy(), cfg_scale=3.0)
     code, out = run([real, "--data-dir", fake_mnist, "--cache-dir", cache] + FAST, capsys)

@@ -1,7 +1,6 @@
 """The faults the README promises to catch, each over the scripts it applies to: data the loader checks, edited
 checkpoints, flags that combine badly, a run folder that one run holds, guarded writes, stops by signal. The data is
 written here."""
-import itertools
 import os
 import pickle
 import shutil
@@ -15,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import harness
 import evaluate
 from conftest import fake_images, run_main, write_idx
 from test_smoke import HERE, MODS, SCRIPTS, SIZE, load, one_line_error, start, tiny
@@ -83,13 +82,13 @@ def evaluate_argv(tmp_path, data, *extra):
 
 @pytest.mark.parametrize("kind", ["label K", "label 255"])
 def test_evaluate_refuses_bad_labels_before_training(kind, tmp_path, capsys):
-    assert common.cli(evaluate.main, evaluate_argv(tmp_path, mnist_with(tmp_path / "d", kind))) == 2
+    assert harness.cli(evaluate.main, evaluate_argv(tmp_path, mnist_with(tmp_path / "d", kind))) == 2
     one_line_error(capsys, DATA_FAULTS[kind])
     assert not (tmp_path / "cache").exists() and not (tmp_path / "s.eval.json").exists()
 
 
 def test_evaluate_seed_is_the_scripts_seed(fake_mnist, tmp_path, capsys):  # 13
-    assert common.cli(evaluate.main, evaluate_argv(tmp_path, fake_mnist, "--seed", "1" + "0" * 23)) == 2
+    assert harness.cli(evaluate.main, evaluate_argv(tmp_path, fake_mnist, "--seed", "1" + "0" * 23)) == 2
     one_line_error(capsys, "argument --seed: must be >= 0 and < 4294967296")
     assert not (tmp_path / "cache").exists() and not (tmp_path / "s.eval.json").exists()
 
@@ -266,7 +265,7 @@ def test_evaluate_a_failed_result_write_is_one_line_and_exit_1(fake_mnist, tmp_p
                 "precision": 1.0, "recall": 1.0, "n_pr": 8}
     monkeypatch.setattr(evaluate, "get_classifier", lambda *args: (None, 1.0, "cache.pt"))
     monkeypatch.setattr(evaluate, "evaluate", scores)
-    assert common.cli(evaluate.main, evaluate_argv(tmp_path, fake_mnist)) == 1
+    assert harness.cli(evaluate.main, evaluate_argv(tmp_path, fake_mnist)) == 1
     one_line_error(capsys, f"could not write {tmp_path / 's.eval.json'}")
     assert no_temp_files(tmp_path)
 
@@ -277,15 +276,16 @@ def test_evaluate_a_failed_result_write_is_one_line_and_exit_1(fake_mnist, tmp_p
 def test_a_signal_during_the_last_save_stops_the_run(name, sig, during, fake_mnist, tmp_path, capsys, monkeypatch):
     """After the last loss.csv row: what is saved stays, one line, 130 / 143, no final sampling; resuming samples."""
     mod, out = MODS[name], tmp_path / "run"
-    real = getattr(mod, during)
+    where = harness if during == "save_checkpoint" else mod  # the run's books save the checkpoint, the script grids
+    real = getattr(where, during)
 
     def signalled(*args, **kw):
         signal.raise_signal(sig)  # the training loop's handler notes it
         return real(*args, **kw)
-    monkeypatch.setattr(mod, during, signalled)
+    monkeypatch.setattr(where, during, signalled)
     assert run_main(mod, tiny(name, fake_mnist, out, "--max-steps", "2", "--num-samples", "3")) == 128 + sig
     printed = capsys.readouterr()
-    assert printed.err == f"error: {common.STOPS[sig]}\n" and "resume with" in printed.out
+    assert printed.err == f"error: {harness.STOPS[sig]}\n" and "resume with" in printed.out
     assert load(out / "ckpt.pt")["step"] == 2 and (out / "grid_e001_cfg1.png").exists()
     assert not (out / "samples.npz").exists() and not (out / ".lock").exists()
     monkeypatch.undo()
@@ -297,7 +297,7 @@ def test_sigterm_while_sampling_only_is_one_line_and_143(name, trained, tmp_path
     before = signal.getsignal(signal.SIGTERM)
 
     def terminated(*args, **kw):
-        assert signal.getsignal(signal.SIGTERM) is common.interrupt  # else SIGTERM would end pytest itself
+        assert signal.getsignal(signal.SIGTERM) is harness.interrupt  # else SIGTERM would end pytest itself
         signal.raise_signal(signal.SIGTERM)
     monkeypatch.setattr(MODS[name], "write_npz", terminated)
     out = tmp_path / "o"
@@ -307,9 +307,274 @@ def test_sigterm_while_sampling_only_is_one_line_and_143(name, trained, tmp_path
     assert signal.getsignal(signal.SIGTERM) is before and not (out / ".lock").exists()
 
 
-# ----------------------------------------------------------------------------- the LR schedule
-def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it():
-    lrs = [common.lr_at(s, 1.0, 200, 100) for s in range(100)]
-    assert lrs[0] == 1 / 50 and lrs[49] == 1.0 and max(lrs) == 1.0  # warm-up over 50 steps
-    assert lrs[-1] < 1e-3 and all(a > b for a, b in itertools.pairwise(lrs[50:]))  # then the cosine to 0
-    assert [common.lr_at(s, 1.0, 4, 104) for s in (0, 3)] == [0.25, 1.0]  # a warm-up within half the run stays
+# ----------------------------------------------------------------------------- the loop: learning rate and EMA
+@SCRIPTS
+def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it_and_the_ema_warms_up(name, fake_mnist, tmp_path,
+                                                                                 monkeypatch):
+    """The learning rate of each optimiser step: warm-up over min(--warmup-steps, half the run), then cosine decay to
+    0 at the run's end; after the first step the EMA is 0.1 w0 + 0.9 w1 (its decay warms up as (1+step)/(10+step))."""
+    lrs = []
+    real = torch.optim.AdamW.step
+
+    def spy(opt, *args, **kw):
+        lrs.append(opt.param_groups[0]["lr"] / 1e-3)
+        return real(opt, *args, **kw)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    assert run_main(MODS[name], tiny(name, fake_mnist, tmp_path / "a", "--max-steps", "8", "--lr", "1e-3",
+                                     "--warmup-steps", "200")) == 0
+    cosine = [0.5 * (1 + np.cos(np.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx([0.25, 0.5, 0.75, 1.0] + cosine)  # warm-up over 4 steps, not 200
+    lrs.clear()
+    assert run_main(MODS[name], tiny(name, fake_mnist, tmp_path / "b", "--max-steps", "8", "--lr", "1e-3",
+                                     "--warmup-steps", "2")) == 0
+    assert lrs == pytest.approx([0.5, 1.0] + [0.5 * (1 + np.cos(np.pi * k / 6)) for k in range(6)])
+    monkeypatch.undo()
+    assert run_main(MODS[name], tiny(name, fake_mnist, tmp_path / "c", "--max-steps", "1")) == 0
+    ck = load(tmp_path / "c" / "ckpt.pt")
+    a = harness.parse_args(MODS[name].get_parser, ["--resume", str(tmp_path / "c" / "ckpt.pt")], {}, name)[0]
+    torch.manual_seed(a.seed)
+    w0 = MODS[name].build(a, torch.device("cpu"))[0].state_dict()
+    for k, w1 in ck["model"].items():
+        assert torch.allclose(ck["ema"][k], 0.1 * w0[k] + 0.9 * w1, atol=1e-6), k
+
+
+# ----------------------------------------------------------------------------- curve.py and evaluate.py's cache
+import contextlib  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+import types  # noqa: E402
+import urllib.request  # noqa: E402
+
+import curve  # noqa: E402
+
+HEADER = ",".join(curve.FIELDS) + "\n"
+
+
+def no_runs(monkeypatch):
+    """Neither curve.py's timing nor any child process may start."""
+    def never(*args, **kw):
+        raise AssertionError("curve.py started a process")
+    monkeypatch.setattr(curve, "images_per_second", untimed)
+    monkeypatch.setattr(subprocess, "Popen", never)
+
+
+def untimed(script):
+    raise AssertionError("curve.py timed the model")
+
+
+def offline(*args, **kw):
+    raise OSError("network is unreachable")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-5"])
+def test_curve_refuses_a_bad_budget_in_one_line(value, fake_mnist, tmp_path, capsys, monkeypatch):
+    no_runs(monkeypatch)
+    out = tmp_path / "curve"
+    assert run_main(curve, ["--minutes", "1", value, "--data-dir", fake_mnist, "--out-dir", str(out)]) == 2
+    one_line_error(capsys, f"argument --minutes: must be > 0 and < 10080 (got {value})")
+    assert not out.exists()
+
+
+def test_curve_a_bad_budget_on_the_command_line_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "curve.py", "--minutes", "nan", "--out-dir", str(tmp_path / "c")],
+                       capture_output=True, text=True, cwd=HERE, check=False)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr == "error: argument --minutes: must be > 0 and < " \
+                                                                "10080 (got nan)\n", r.stderr
+
+
+@pytest.mark.parametrize("kind, words", [("missing", "mnist not found in"), ("label K", DATA_FAULTS["label K"])])
+def test_curve_bad_data_is_one_line_before_any_training(kind, words, tmp_path, capsys, monkeypatch):
+    no_runs(monkeypatch)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    data = tmp_path / "d"
+    data.mkdir()
+    if kind != "missing":
+        mnist_with(data, kind)
+    out = tmp_path / "curve"
+    assert run_main(curve, ["--minutes", "1", "--data-dir", str(data), "--out-dir", str(out)]) == 2
+    one_line_error(capsys, words, "MNIST/raw")
+    assert not out.exists()
+
+
+def test_curve_a_failed_child_is_its_own_last_line_and_exit_code(capsys):
+    def main(code):
+        with curve.Stops() as stops:
+            stops.run([sys.executable, "-c", code])
+    fails = "import sys; print('working'); sys.stderr.write('a warning\\nerror: it broke\\n\\n'); sys.exit(3)"
+    assert run_main(types.SimpleNamespace(main=main), fails) == 3
+    assert capsys.readouterr().err == "error: it broke\n"
+    killed = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert run_main(types.SimpleNamespace(main=main), killed) == 128 + signal.SIGKILL
+    one_line_error(capsys, "was killed by signal 9")
+
+
+def test_curve_a_script_that_refuses_to_run_is_its_line_not_a_traceback(fake_mnist, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(curve, "images_per_second", lambda script: (100.0, 32))
+    out = tmp_path / "curve"
+    (out / "dit_ddpm_1min").mkdir(parents=True)
+    (out / "dit_ddpm_1min" / ".lock").write_text(str(os.getppid()))  # a live process: a run using the folder
+    argv = ["--minutes", "1", "--scripts", "dit_ddpm", "--data-dir", fake_mnist, "--out-dir", str(out)]
+    assert run_main(curve, argv) == 2
+    one_line_error(capsys, f"--out-dir {out / 'dit_ddpm_1min'} is in use by a running run (pid {os.getppid()})")
+    assert not (out / "curve.csv").exists()
+
+
+def test_curve_rerun_skips_scored_points_scores_trained_ones_and_refuses_stopped_ones(fake_mnist, tmp_path, capsys,
+                                                                                      monkeypatch):
+    monkeypatch.setattr(curve, "images_per_second", untimed)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for evaluate.py, the process curve.py starts
+    out = tmp_path / "curve"
+    (out / "dit_ddpm_1min").mkdir(parents=True)
+    (out / "dit_ddpm_1min" / "ckpt.pt").write_bytes(b"a finished run")
+    (out / "curve.csv").write_text(HEADER + "dit_ddpm,1.0,188,61.5,0.9,30.0,0.8,0.7\n")
+    trained = out / "dit_ddpm_2min"  # trained, not scored (evaluate.py failed or was stopped)
+    trained.mkdir()
+    (trained / "ckpt.pt").write_bytes(b"a finished run")
+    (trained / "curve.log").write_text("training ...\ntrained 375 steps in 121.5 s (with checkpoints and grids)\n")
+    x, y = fake_images(20, seed=3)
+    np.savez(trained / "samples.npz", x=x.transpose(0, 3, 1, 2).astype(np.float32) / 255, y=y.astype(np.int64))
+    argv = ["--scripts", "dit_ddpm", "dit_ddpm", "--data-dir", fake_mnist, "--out-dir", str(out),
+            "--cache-dir", str(tmp_path / "cache")]
+    assert run_main(curve, argv + ["--minutes", "1", "2", "2.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "dit_ddpm 1 min: in" in printed and "skipped" in printed and "trained before" in printed
+    rows = list(csv.DictReader(open(out / "curve.csv")))
+    assert [(r["minutes_asked"], r["steps"], r["train_seconds"]) for r in rows] == [("1.0", "188", "61.5"),
+                                                                                    ("2.0", "375", "121.5")]
+    assert json.load(open(trained / "samples.eval.json"))["n_samples"] == 20 and (out / "curve.png").exists()
+
+    stopped = out / "dit_ddpm_5min"  # a run that did not finish: no curve.log
+    stopped.mkdir()
+    (stopped / "ckpt.pt").write_bytes(b"a stopped run")
+    no_runs(monkeypatch)
+    assert run_main(curve, argv + ["--minutes", "1", "2", "5", "10"]) == 2
+    one_line_error(capsys, f"{stopped} holds a run that is not in {out / 'curve.csv'}", "remove that folder")
+    assert len(list(csv.DictReader(open(out / "curve.csv")))) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_curve_passes_a_stop_on_to_its_run_which_saves_then_exits_130_or_143(sig, tmp_path, capsys):
+    data = tmp_path / "d"  # 2048 images: 64 steps an epoch at the quick batch of 32, so the stop comes mid-epoch
+    write_idx(data / "MNIST" / "raw", "train", *fake_images(2048))
+    write_idx(data / "MNIST" / "raw", "t10k", *fake_images(64, seed=1))
+    out = tmp_path / "curve"
+    timed = "import sys, curve; curve.images_per_second = lambda s: (100.0, 32); sys.exit(curve.cli(curve.main))"
+    p = subprocess.Popen([sys.executable, "-c", timed, "--minutes", "1", "--scripts", "dit_ddpm", "--data-dir",
+                          str(data), "--out-dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lock = out / "dit_ddpm_1min" / ".lock"
+    watchdog = threading.Timer(180, p.kill)
+    watchdog.start()
+    try:
+        for line in p.stdout:  # curve.py echoes its run's progress lines
+            if "step 50/188 " in line:
+                break
+        else:
+            raise AssertionError(f"no progress line from the run: {p.stderr.read()[-2000:]}")
+        p.send_signal(sig)  # to curve.py alone, as kill PID does; a terminal's Ctrl-C reaches it the same way
+        rest, err = p.communicate(timeout=120)
+    finally:
+        watchdog.cancel()
+        if p.poll() is None or lock.exists():  # a failure: end the run curve.py started, not left running
+            p.kill()
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(lock.read_text()), signal.SIGKILL)
+    assert p.returncode == 128 + sig and err == f"error: {'interrupted' if sig == signal.SIGINT else 'terminated'}\n"
+    assert f"stopped: {out / 'dit_ddpm_1min'} keeps the run" in rest
+    assert 50 <= load(out / "dit_ddpm_1min" / "ckpt.pt")["step"] < 188  # saved at the step it reached
+    assert not lock.exists() and not (out / "curve.csv").exists()
+    assert run_main(curve, ["--minutes", "1", "--scripts", "dit_ddpm", "--data-dir", str(data), "--out-dir",
+                            str(out)]) == 2  # a rerun: one line naming the folder to remove
+    one_line_error(capsys, f"{out / 'dit_ddpm_1min'} holds a run", "remove that folder")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: None, "curve.csv does not exist"),
+    (lambda p: p.write_text(HEADER), "holds no runs (its header only)"),
+    (lambda p: p.write_text(HEADER + "dit_ddpm,1,188,61.5,,30,0.8,0.7\n"), "line 2: class_accuracy is empty"),
+    (lambda p: p.write_text(HEADER + "dit_ddpm,1,188,61.5,0.9,30\n"), "line 2: precision is empty"),
+    (lambda p: p.write_text(HEADER + "dit_ddpm,1,188,61.5,0.9,abc,0.8,0.7\n"), "fid is 'abc', not a number"),
+    (lambda p: p.write_text(HEADER + "dit_ddpm,1,188,61.5,0.9,nan,0.8,0.7\n"), "fid is nan"),
+    (lambda p: p.write_text(HEADER + "unet,1,188,61.5,0.9,30,0.8,0.7\n"), "script 'unet' is not one of"),
+    (lambda p: p.write_text("a,b\n1,2\n"), "has the columns a,b"),
+])
+def test_curve_plot_only_refuses_an_unreadable_csv_in_one_line(make, words, tmp_path, capsys, monkeypatch):
+    no_runs(monkeypatch)
+    make(tmp_path / "curve.csv")
+    assert run_main(curve, ["--plot-only", "--out-dir", str(tmp_path)]) == 2
+    one_line_error(capsys, words)
+    assert not (tmp_path / "curve.png").exists()
+
+
+def test_evaluate_other_data_of_the_same_size_trains_its_own_classifier(tmp_path, capsys, monkeypatch):
+    """The cache key is the data's content: other images of the same count are not scored by the first data's
+    classifier; the same data in another folder is."""
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args: {  # the metrics are not what is tested here
+        "fid": 1.0, "fid_floor": 1.0, "fid_floor_sd": 0.0, "n_floor": 8, "class_accuracy": None, "precision": 1.0,
+        "recall": 1.0, "n_pr": 8})
+    for name, seed in (("a", 0), ("b", 7)):
+        write_idx(tmp_path / name / "MNIST" / "raw", "train", *fake_images(256, seed=seed))
+        write_idx(tmp_path / name / "MNIST" / "raw", "t10k", *fake_images(64, seed=1))
+    shutil.copytree(tmp_path / "a", tmp_path / "a copy")
+    cache = tmp_path / "cache"
+    np.savez(tmp_path / "s.npz", x=np.full((8, 1, 28, 28), 0.5, np.float32))
+    for data, words, files in (("a", "training the classifier", 1), ("b", "training the classifier", 2),
+                               ("a copy", "classifier: cached", 2)):
+        argv = [str(tmp_path / "s.npz"), "--data-dir", str(tmp_path / data), "--cache-dir", str(cache),
+                "--device", "cpu", "--classifier-epochs", "1"]
+        assert run_main(evaluate, argv) == 0
+        assert words in capsys.readouterr().out, data
+        assert len(os.listdir(cache)) == files, data
+
+
+# ----------------------------------------------------------------------------- bench.py
+import bench  # noqa: E402
+
+BENCH = {"dit_ddpm": ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--timesteps", "20"],
+         "dit_flow": ["--dataset", "mnist", "--hidden-size", "32", "--depth", "1", "--num-heads", "2"],
+         "ddpm_unet": ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20"]}
+BENCH_RUN = ["--batch-size", "4", "--sample-steps", "2", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["dit_ddpm", "--steps", "0"], "argument --steps: must be >= 1 (got 0)"),
+    (["dit_ddpm", "--steps", "-3"], "argument --steps: must be >= 1 (got -3)"),
+    (["dit_ddpm", "--compare", "--ref-sample-steps", "0"], "argument --ref-sample-steps: must be >= 1 (got 0)"),
+    (["ddpm_unet", "--compare"], "--compare is for dit_ddpm only, not ddpm_unet"),
+    (["dit_flow", "--compare"], "--compare is for dit_ddpm only, not dit_flow"),
+    (["ddpm_unet", "--compare-attention"], "--compare-attention is for dit_ddpm and dit_flow only"),
+    (["dit_ddpm", "--compare", "--compare-attention"], "--compare-attention: not allowed with argument --compare"),
+    (["dit_ddpm", "--bogus"], "unrecognized arguments: --bogus"),
+    (["dit_ddpm", "--num-heads", "3"], "--hidden-size must be a multiple of 4 and of --num-heads"),
+    (["dit_flow", "--patch-size", "5"], "--patch-size must divide 28"),
+    (["ddpm_unet", "--base-channels", "6"], "--base-channels must be a multiple of 4"),
+])
+def test_bench_refuses_bad_input_in_one_line_before_building_a_model(argv, words, capsys, monkeypatch):
+    for mod in MODS.values():
+        monkeypatch.setattr(mod, "build", lambda *_: pytest.fail("a model was built"))
+    assert harness.cli(bench.main, argv[:1] + BENCH[argv[0]] + argv[1:] + BENCH_RUN) == 2
+    one_line_error(capsys, words)
+
+
+@pytest.mark.parametrize("argv, words", [
+    ([], "the following arguments are required: script"),
+    (["unet", "--device", "cpu"], "argument script: invalid choice: 'unet'"),
+    (["--steps", "abc", "dit_ddpm"], "argument --steps:"),
+])
+def test_bench_refuses_a_missing_or_unknown_script_or_a_bad_count_in_one_line(argv, words, capsys):
+    assert harness.cli(bench.main, argv) == 2
+    one_line_error(capsys, words)
+
+
+def test_bench_compare_takes_a_single_timed_step(capsys):
+    argv = ["dit_ddpm", "--compare", "--steps", "1", "--ref-sample-steps", "1", *BENCH["dit_ddpm"], *BENCH_RUN]
+    assert harness.cli(bench.main, argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("train step   reference ") and "(timed 1 steps)" in lines[2], lines
+
+
+def test_bench_names_an_unconditional_unet_s_sampling_unguided(capsys):
+    assert harness.cli(bench.main, ["ddpm_unet", "--steps", "1", *BENCH["ddpm_unet"], *BENCH_RUN]) == 0
+    assert "100 samples, unconditional, " in capsys.readouterr().out

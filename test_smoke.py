@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bench
-import common
+import harness
 import ddpm_unet
 import dit_ddpm
 import dit_flow
@@ -114,15 +114,15 @@ def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mni
         return tiny(name, fake_mnist, out, "--epochs", "2", "--max-steps", "20", "--log-every", "5")
     assert run_main(mod, argv(a)) == 0
     calls = []
-    real = mod.train_step
+    real = harness.Run.log
     handler = signal.getsignal(signal.SIGINT)
 
-    def ctrl_c_at_16(*args):
+    def ctrl_c_at_16(run, loss):
         calls.append(1)
         if len(calls) == 16:
             signal.raise_signal(signal.SIGINT)  # the run's handler only sets a flag
-        return real(*args)
-    monkeypatch.setattr(mod, "train_step", ctrl_c_at_16)
+        return real(run, loss)
+    monkeypatch.setattr(harness.Run, "log", ctrl_c_at_16)
     assert run_main(mod, argv(b)) == 130  # saved, then stopped like any Ctrl-C
     monkeypatch.undo()
     assert load(b / "ckpt.pt")["step"] == 16
@@ -140,7 +140,7 @@ def test_stop_on_an_epochs_last_step_then_resume_is_bit_identical(name, fake_mni
 def test_quick_recipe(name):
     """--quick swaps in the script's QUICK defaults (shown in --help); a flag given beside it still wins."""
     mod = MODS[name]
-    a, _ = common.parse_args(mod.get_parser, ["--quick", "--epochs", "7"], mod.QUICK, name)
+    a, _ = harness.parse_args(mod.get_parser, ["--quick", "--epochs", "7"], mod.QUICK, name)
     assert a.epochs == 7 and all(getattr(a, k) == v for k, v in mod.QUICK.items() if k != "epochs")
     assert any(getattr(mod.get_parser().parse_args([]), k) != v for k, v in mod.QUICK.items())  # not the defaults
     assert "--quick" in mod.get_parser().format_help()
@@ -304,15 +304,14 @@ def test_out_dir_faults(name, kind, words, code, trained, fake_mnist, tmp_path, 
 @SCRIPTS
 def test_nan_weights_are_never_saved(name, fake_mnist, tmp_path, monkeypatch, capsys):
     mod = MODS[name]
-    real = mod.train_step
+    real = harness.Run.log
 
-    def poisoned(a, net, *rest):
-        loss = real(a, net, *rest)
+    def poisoned(run, loss):  # after each optimiser step: NaN weights
         with torch.no_grad():
-            for p in net.parameters():
+            for p in run.model.parameters():
                 p.fill_(float("nan"))
-        return loss
-    monkeypatch.setattr(mod, "train_step", poisoned)
+        return real(run, loss)
+    monkeypatch.setattr(harness.Run, "log", poisoned)
     argv = tiny(name, fake_mnist, tmp_path / "run", "--log-every", "1000")  # the loss is not looked at before a save
     assert run_main(mod, argv) == 1
     one_line_error(capsys, "weights are NaN/inf at step 16", "nothing saved")
@@ -330,7 +329,7 @@ def test_sigterm_then_the_printed_command_resumes_the_same_run(name, fake_mnist,
     rest, err = p.communicate(timeout=120)
     assert p.returncode == 143 and err == "error: terminated\n", err
     cmd = rest.strip().splitlines()[-1].strip()
-    assert cmd == f"python {name}.py --resume {shlex.quote(str(out / 'ckpt.pt'))}"
+    assert cmd == f"python {name}.py --resume={shlex.quote(str(out / 'ckpt.pt'))}"
     assert run_main(MODS[name], shlex.split(cmd)[2:]) == 0
     assert load(out / "ckpt.pt")["step"] == 40
     assert (out / "grid_e003_cfg2.png").exists()

@@ -17,7 +17,7 @@ TINY = ["--base-channels", "8", "--num-res-blocks", "1", "--timesteps", "20", "-
 
 def tiny_unet(img_size=28, channels=1, mults=(1, 2), attn_res=(), classes=0, base=8):
     torch.manual_seed(0)
-    return du.UNet(img_size, channels, base, mults, num_res=1, attn_res=attn_res, dropout=0.0, num_classes=classes)
+    return du.UNet(img_size, channels, classes, base, mults, num_res_blocks=1, attn_res=attn_res, dropout=0.0)
 
 
 # ----------------------------------------------------------------------------- model
@@ -34,7 +34,7 @@ def test_shapes_and_zero_output(size, channels, mults, attn_res, classes, padded
     assert n_attn == 1 + 3 * len(attn_res)  # the middle, then 1 block down and 2 up at each --attn-res
     x = torch.randn(3, channels, size, size)
     t = torch.tensor([0, 7, 19])
-    y = torch.tensor([1, 2, 10]) if classes else None
+    y = torch.tensor([1, 2, -1]) if classes else None
     out = m(x, t, y)
     assert out.shape == (3, channels, size, size)
     assert torch.count_nonzero(out) == 0  # zero output conv: the untrained UNet predicts exactly ε = 0
@@ -72,7 +72,8 @@ def test_timestep_and_class_embedding():
     assert emb.shape == (4, 32)  # 4 * base channels
     assert torch.equal(emb[0], emb[1])  # the same (t, y)
     assert not torch.allclose(emb[1], emb[2])  # another t
-    assert not torch.allclose(m.embed(t, torch.full_like(y, 10)), emb)  # the null class changes it too
+    assert not torch.allclose(m.embed(t, torch.full_like(y, -1)), emb)  # the null label changes it too
+    assert torch.equal(m.embed(t, torch.full_like(y, -1)), m.embed(t, torch.full_like(y, 10)))  # its row: the last
     assert torch.allclose(m.t_mlp(common.timestep_embedding(t, 8)) + m.y_embed(y), emb)
     x = torch.randn(1, 1, 28, 28).repeat(2, 1, 1, 1)
     out = m(x, torch.tensor([1, 500]), torch.tensor([3, 3]))
@@ -84,7 +85,7 @@ def test_tiny_unet_learns():
     x0 = -torch.ones(8, 1, 28, 28)
     x0[:, :, 8:20, 12:16] = 1  # one bar
     m = tiny_unet()
-    d = du.Diffusion(100, num_classes=0)
+    d = du.Diffusion(100, prediction="eps")
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
     losses = []
     for _ in range(30):
@@ -99,30 +100,36 @@ def test_tiny_unet_learns():
 
 # ----------------------------------------------------------------------------- the diffusion: dit_ddpm.py's
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++"])
-def test_same_diffusion_as_dit_ddpm(sampler):
-    """A conditional UNet samples exactly as dit_ddpm.py's Diffusion samples it, for every sampler and target."""
-    m = randomise(tiny_unet(classes=10))
+def test_either_diffusion_trains_and_samples_either_model(sampler):
+    """The UNet and dit_ddpm.py's DiT are sampled and trained alike by this script's Diffusion and by dit_ddpm.py's
+    (the same maths, other defaults), for every sampler and target: neither reads the model's attributes."""
+    torch.manual_seed(0)
+    dit = dit_ddpm.DiT(28, 1, 10, patch_size=7, hidden_size=16, depth=1, num_heads=2, stem_channels=4)
     y = torch.tensor([0, 3])
-    m.grid, m.patch = 1, 28  # the image size as dit_ddpm.py's sampler reads it from a DiT
-    for prediction in ("eps", "v"):
-        ours, theirs = (mod.Diffusion(20, "cosine", prediction, 5.0, 0.1, 10) for mod in (du, dit_ddpm))
-        a, _ = ours.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
-        b, _ = theirs.sample(m, y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
-        assert torch.equal(a, b)
-        torch.manual_seed(0)
-        la = ours.loss(m, torch.rand(2, 1, 28, 28), y)
-        torch.manual_seed(0)
-        assert torch.equal(la, theirs.loss(m, torch.rand(2, 1, 28, 28), y))
+    for m in (randomise(tiny_unet(classes=10)), randomise(dit)):
+        for prediction in ("eps", "v"):
+            ours, theirs = (mod.Diffusion(20, "cosine", prediction, 0.1, (0.5, 4.0)) for mod in (du, dit_ddpm))
+            a, _ = ours.sample(m, (2, 1, 28, 28), y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
+            b, _ = theirs.sample(m, (2, 1, 28, 28), y, 2.0, sampler, 5, 0.5, gen=torch.Generator().manual_seed(5))
+            assert torch.equal(a, b) and a.shape == (2, 1, 28, 28)
+            torch.manual_seed(0)
+            la = ours.loss(m, torch.rand(2, 1, 28, 28), y)
+            torch.manual_seed(0)
+            assert torch.equal(la, theirs.loss(m, torch.rand(2, 1, 28, 28), y))
 
 
-def test_unconditional_unet_is_one_forward_whatever_the_scale():
+def test_an_unconditional_unet_without_guidance_is_one_forward():
     m = randomise(tiny_unet())
-    d = du.Diffusion(20, num_classes=0)
+    d = du.Diffusion(20)
     x = torch.randn(3, 1, 28, 28)
     y = torch.zeros(3, dtype=torch.long)
-    for scale in (0.0, 3.0):
-        assert torch.equal(d.guided(m, x, 7, y, scale), m(x, torch.full((3,), 7)))
-    x, _ = d.sample(m, y, 1.0, "ddim", 4, gen=torch.Generator().manual_seed(0))
+    calls = []
+    m.register_forward_hook(lambda *args: calls.append(1))
+    assert torch.equal(d.guided(m, x, 7, y, None), m(x, torch.full((3,), 7)))  # scale None: no guidance
+    assert len(calls) == 2
+    for scale in (0.0, 3.0):  # guided: the labels change nothing, so neither does the scale
+        assert torch.allclose(d.guided(m, x, 7, y, scale), m(x, torch.full((3,), 7)), atol=1e-6)
+    x, _ = d.sample(m, (3, 1, 28, 28), y, None, "ddim", 4, gen=torch.Generator().manual_seed(0))
     assert x.shape == (3, 1, 28, 28)
     assert torch.isfinite(x).all()
 
