@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from common import save_samples, timestep_embedding
 from harness import (
-    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
-    pick_device, positive, Run, seed, size, UsageError, write_npz,
+    built, cfg_scale, claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg,
+    parse_args, Parser, pick_device, positive, Run, seed, size, step_count, UsageError, write_npz,
 )
 
 SCRIPT = "ddpm_unet"
@@ -32,6 +32,9 @@ QUICK = dict(  # --quick: under 5 min on 2 CPU cores
     cfg_scales=[1.5],
 )
 
+# the flags the weights are trained for: --resume and --sample-only refuse other values
+WEIGHTS = ("dataset", "cond", "base_channels", "channel_mults", "num_res_blocks", "attn_res", "timesteps",
+           "schedule", "prediction")
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
@@ -57,7 +60,7 @@ def get_parser():
     p.add_argument("--dropout", type=fraction, default=d["dropout"])
     p.add_argument("--cond", action="store_true",
                    help="class-conditional, with label dropout and CFG")
-    p.add_argument("--timesteps", type=size, default=d["timesteps"])
+    p.add_argument("--timesteps", type=step_count, default=d["timesteps"])
     p.add_argument("--schedule", default=d["schedule"], choices=["linear", "cosine"],
                    help="noise schedule ᾱ_t")
     p.add_argument("--prediction", default=d["prediction"], choices=["eps", "v", "x0"],
@@ -84,15 +87,15 @@ def get_parser():
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default=d["sampler"], choices=["ddpm", "ddim", "dpm++"],
                    help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=d["steps"],
+    p.add_argument("--sample-steps", type=step_count, default=d["steps"],
                    help="model evaluations for ddim and dpm++")
     p.add_argument("--eta", type=nonneg, default=d["eta"],
                    help="DDIM noise: 1 = DDPM posterior, 0 deterministic")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0],
+    p.add_argument("--cfg-scales", type=cfg_scale, nargs="+", default=[0.0, 1.0, 3.0],
                    help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0,
                    help="write samples.npz with this many samples")
-    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz (--cond)")
+    p.add_argument("--sample-cfg", type=cfg_scale, default=1.5, help="the CFG scale of samples.npz (--cond)")
     return p
 
 
@@ -396,12 +399,12 @@ def build(a, dev):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: that run's flags
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT, WEIGHTS)  # --resume PATH alone: that run's flags
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)  # the same initial weights on every rank
-    model, ema, opt, obj = build(a, dev)
+    model, ema, opt, obj = built(build, a, dev)  # or one line if it does not fit in memory
     if ckpt:  # weights; for --resume also the optimiser and the RNG
         load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from common import pos_embed_2d, save_samples, timestep_embedding
 from harness import (
-    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
-    pick_device, positive, Run, seed, size, UsageError, write_npz,
+    built, cfg_scale, claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg,
+    parse_args, Parser, pick_device, positive, Run, seed, size, step_count, UsageError, write_npz,
 )
 
 SCRIPT = "dit_ddpm"
@@ -30,6 +30,9 @@ DATA = {"mnist": (1, 28, 10), "fashion-mnist": (1, 28, 10)}  # dataset: channels
 QUICK = dict(hidden_size=96, depth=4, num_heads=4, patch_size=4, batch_size=32, max_steps=3700, lr=2e-3,
              warmup_steps=100, cfg_scales=[1.85], sample_cfg=1.85)
 
+# the flags the weights are trained for: --resume and --sample-only refuse other values
+WEIGHTS = ("dataset", "patch_size", "hidden_size", "depth", "num_heads", "stem_channels", "out_conv", "timesteps",
+           "schedule", "prediction")
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
@@ -49,7 +52,7 @@ def get_parser():
                    help="two 3x3 convs of this width before patchify (0: none)")
     p.add_argument("--out-conv", action=argparse.BooleanOptionalAction, default=d["out_conv"],
                    help="a zero-initialised residual 3x3 conv after unpatchify")
-    p.add_argument("--timesteps", type=size, default=d["timesteps"])
+    p.add_argument("--timesteps", type=step_count, default=d["timesteps"])
     p.add_argument("--schedule", default=d["schedule"], choices=["linear", "cosine"], help="noise schedule ᾱ_t")
     p.add_argument("--prediction", default=d["prediction"], choices=["eps", "v", "x0"], help="the network's target")
     p.add_argument("--label-dropout", type=fraction, default=d["label_dropout"],
@@ -72,11 +75,11 @@ def get_parser():
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default=d["sampler"], choices=["ddpm", "ddim", "dpm++"],
                    help="ddpm: ancestral, all steps")
-    p.add_argument("--sample-steps", type=size, default=d["steps"], help="model evaluations for ddim and dpm++")
+    p.add_argument("--sample-steps", type=step_count, default=d["steps"], help="model evaluations for ddim and dpm++")
     p.add_argument("--eta", type=nonneg, default=d["eta"], help="DDIM noise: 0 deterministic, 1 = DDPM posterior")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
+    p.add_argument("--cfg-scales", type=cfg_scale, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
-    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
+    p.add_argument("--sample-cfg", type=cfg_scale, default=1.5, help="the CFG scale of samples.npz")
     p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=list(d["cfg_interval"]), metavar=("LO", "HI"),
                    help="scales above 1 only at noise levels σ = √((1-ᾱ)/ᾱ) in (LO, HI] (0 1e9: at every step)")
     return p
@@ -359,12 +362,12 @@ def build(a, dev):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT, WEIGHTS)  # --resume PATH alone: every flag of that run
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)  # the same initial weights on every rank
-    model, ema, opt, obj = build(a, dev)
+    model, ema, opt, obj = built(build, a, dev)  # or one line if it does not fit in memory
     if ckpt:  # weights; for --resume also the optimiser and the RNG
         load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from common import atomic_write, pos_embed_2d, save_image, save_samples, timestep_embedding, to_image
 from harness import (
-    claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg, parse_args, Parser,
-    pick_device, positive, Run, seed, size, UsageError, write_npz,
+    built, cfg_scale, claim_out_dir, cli, count, defaults, fraction, leave_group, load_dataset, load_state, nonneg,
+    parse_args, Parser, pick_device, positive, Run, seed, size, step_count, UsageError, write_npz,
 )
 
 SCRIPT = "dit_flow"
@@ -33,6 +33,8 @@ DATA = {"patterns": (4, 32, 4), "mnist": (1, 28, 10), "fashion-mnist": (1, 28, 1
 QUICK = dict(dataset="mnist", hidden_size=96, depth=4, num_heads=4, patch_size=4, batch_size=32, max_steps=3000,
              lr=2e-3, warmup_steps=100, cfg_scales=[2.1], sample_cfg=2.1)
 
+# the flags the weights are trained for: --resume and --sample-only refuse other values
+WEIGHTS = ("dataset", "patch_size", "hidden_size", "depth", "num_heads", "stem_channels", "out_conv", "prediction")
 
 # ----------------------------------------------------------------------------- config
 def get_parser():
@@ -76,10 +78,10 @@ def get_parser():
     p.add_argument("--ckpt", default="")
     p.add_argument("--sampler", default=d["sampler"], choices=["euler", "heun"],
                    help="heun: 2nd order, last step Euler")
-    p.add_argument("--sample-steps", type=size, default=d["steps"], help="integration steps from t = 0 to 1")
-    p.add_argument("--cfg-scales", type=nonneg, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
+    p.add_argument("--sample-steps", type=step_count, default=d["steps"], help="integration steps from t = 0 to 1")
+    p.add_argument("--cfg-scales", type=cfg_scale, nargs="+", default=[0.0, 1.0, 3.0], help="0: unconditional")
     p.add_argument("--num-samples", type=count, default=0, help="write samples.npz with this many samples")
-    p.add_argument("--sample-cfg", type=nonneg, default=1.5, help="the CFG scale of samples.npz")
+    p.add_argument("--sample-cfg", type=cfg_scale, default=1.5, help="the CFG scale of samples.npz")
     p.add_argument("--cfg-interval", type=nonneg, nargs=2, default=list(d["cfg_interval"]), metavar=("LO", "HI"),
                    help="scales above 1 only at noise levels σ = (1-t)/t in (LO, HI] (0 1e9: at every step)")
     return p
@@ -337,7 +339,7 @@ def outputs(a, obj, ema, dev, tag, npz=False):
         row = [what, len(x), a.sampler, a.sample_steps, *template_scores(x, y)]
         print("{}: {} samples, {} {} steps: class match {:.1%}, RMS to template {:.4f}".format(*row))
         path = f"{a.out_dir}/metrics.csv"
-        rows = open(path).read() if os.path.exists(path) else "what,n,sampler,sample_steps,class_match,rms\n"
+        rows = open(path).read() if os.path.isfile(path) else "what,n,sampler,sample_steps,class_match,rms\n"
         atomic_write(path, lambda f: f.write((rows + ",".join(map(str, row)) + "\n").encode()))
 
 
@@ -386,12 +388,12 @@ def build(a, dev):
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT)  # --resume PATH alone: every flag of that run
+    a, ckpt = parse_args(get_parser, argv, QUICK, SCRIPT, WEIGHTS)  # --resume PATH alone: every flag of that run
     check(a)
     rank, world, dev = pick_device(a.device)  # under torchrun: this process's rank and GPU
     a.amp = dev.type == "cuda" if a.amp is None else a.amp
     torch.manual_seed(a.seed)  # the same initial weights on every rank
-    model, ema, opt, obj = build(a, dev)
+    model, ema, opt, obj = built(build, a, dev)  # or one line if it does not fit in memory
     if ckpt:  # weights; for --resume also the optimiser and the RNG
         load_state(ckpt, a.resume or a.ckpt, model, ema, opt if a.resume else None)
     if world > 1:  # each rank draws its own noise (so a DDP resume is not bit-exact)

@@ -48,6 +48,8 @@ def ranged(kind, lo, hi=math.inf, strict=False):
 
 count = ranged(int, 0)
 size = ranged(int, 1)
+step_count = ranged(int, 1, 100_001)  # diffusion or sampler steps: a schedule or a path of that many fits in memory
+cfg_scale = ranged(float, 0, 1000)  # a CFG scale: larger ones overflow float32 samples
 nonneg = ranged(float, 0)
 positive = ranged(float, 0, strict=True)
 fraction = ranged(float, 0, 1)
@@ -112,6 +114,16 @@ def any_rank(flag, world, dev):
     return bool(t)
 
 
+def built(build, a, dev):
+    """build(a, dev), or one line if the model does not fit in the device's memory (before anything is written)."""
+    try:
+        return build(a, dev)
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, MemoryError) and "memory" not in str(e):
+            raise
+        raise UsageError(f"this model does not fit in the memory of {dev} ({' '.join(str(e).split())[-90:]}): "
+                         f"choose smaller sizes")
+
 def defaults(*objects):
     """{parameter: default} of these classes and functions: the scripts' flags take their defaults from the model and
     the objective, so a class built with only the data's shape is what the script trains by default."""
@@ -126,9 +138,13 @@ def load_dataset(name, data_dir, shape, batch=1, train=True):
     cls = getattr(torchvision.datasets, {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name])
     folder = os.path.join(data_dir, f"{cls.__name__}/raw" if name != "cifar10" else cls.base_folder)
     found = os.path.isdir(folder) and os.listdir(folder)
+    made = [d for d in (data_dir, os.path.dirname(folder), folder) if not os.path.isdir(d)]  # a download makes them
     try:  # downloads into an empty folder when the network allows
         ds = cls(root=data_dir, train=train, download=not found)
     except Exception as e:  # noqa: BLE001 (whatever torchvision raises: missing, truncated or corrupt files)
+        for d in reversed(made):  # the folders the failed download made, if empty
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
         why = " ".join(str(e).split())[:60]  # torchvision's message spans lines
         raise UsageError(f"{name} {'is corrupt or incomplete in' if found else 'not found in'} {folder} "
                          f"({why}): place torchvision's files there, or empty it and connect to the network")
@@ -159,6 +175,8 @@ class Run:
         self.outputs = outputs  # outputs(tag): the grids and the GIF of epoch `tag`
         self.n_images = n_images
         self.per_epoch = n_images // (a.batch_size * world)  # every rank takes its own batch of the shared shuffle
+        if not self.per_epoch:
+            raise UsageError(f"{n_images} training images are fewer than a step's {a.batch_size} x {world} process(es)")
         self.total = a.max_steps or a.epochs * self.per_epoch  # the learning-rate schedule spans the run
         self.step, self.rows = (ckpt["step"], ckpt["loss_log"]) if ckpt else (0, [])
         acc, self.n = ckpt["loss_acc"] if ckpt else (0.0, 0)  # the loss summed since the last row, and its steps
@@ -176,6 +194,8 @@ class Run:
                  f"steps {self.step}..{self.total}, {self.dev}, amp {a.amp}")
         self.start, self.t_start = self.step, time.time()
         self.s0, self.t0 = self.step, time.time()  # img/s and the ETA count training steps only
+        if self.rank == 0 and self.step and not os.path.exists(f"{a.out_dir}/denoise_{self.tag()}.gif"):
+            self.outputs(self.tag())  # the images of the epoch the run stopped at, lost to a failed write
         with stop_signals() as self.stop:
             while self.step < self.total and not self.halt:
                 epoch, i0 = divmod(self.step, self.per_epoch)
@@ -208,7 +228,8 @@ class Run:
                      f"{self.step}/{self.total} loss {self.rows[-1][1]:.4f} img/s {ips:.0f} eta {eta:.1f} min",
                      flush=True)
             self.acc, self.n = self.acc * 0, 0
-        self.halt = (self.world == 1 or self.step % a.log_every == 0) and any_rank(self.stop, self.world, self.dev)
+        agree = self.world == 1 or self.step % min(a.log_every, 10) == 0  # under DDP: a sync every 10 steps at most
+        self.halt = agree and any_rank(self.stop, self.world, self.dev)
 
     def save(self):
         """The checkpoint first (sampling cannot lose it), then loss.csv / loss.png, and at an epoch's end the grids."""
@@ -217,8 +238,13 @@ class Run:
         save_checkpoint(dict(script=self.script, step=self.step, args=vars(self.a), loss_log=self.rows,
                              loss_acc=(self.acc.item(), self.n), **state), self.path)
         save_loss(self.rows, self.a.out_dir, f"{self.script}: training loss")
-        if self.step % self.per_epoch == 0 or self.step == self.total:  # an epoch's end, or the run's
-            self.outputs(f"e{-(-self.step // self.per_epoch):03d}")
+        if self.tag():
+            self.outputs(self.tag())
+
+    def tag(self):
+        """eNNN at an epoch's end or the run's (the grids and the GIF are drawn then), else ''."""
+        end = self.step % self.per_epoch == 0 or self.step == self.total
+        return f"e{-(-self.step // self.per_epoch):03d}" * end
 
     def end(self):
         """The closing line: the command that resumes a stopped run, or the steps and seconds trained (curve.py reads
@@ -270,6 +296,9 @@ def write_npz(draw, dev, num, classes, scale, out, seed, **meta):
         xs.append(draw(b.to(dev), scale, gen)[0])
         tick(sum(map(len, xs)))
     x = torch.cat(xs)
+    if not x.isfinite().all():
+        raise UsageError(f"samples are NaN/inf at CFG scale {scale} (a scale this large overflows); samples.npz is "
+                         f"not written", 1)
     z = dict(x=((x + 1) / 2).float().cpu().numpy(), **({"y": y.numpy(), "cfg_scale": scale} if classes else {}), **meta)
     atomic_write(f"{out}/samples.npz", lambda f: np.savez_compressed(f, **z))
     print(f"wrote {out}/samples.npz: {num} samples, " + ", ".join(f"{k} {v}" for k, v in meta.items()))
@@ -337,7 +366,10 @@ def load_state(ckpt, path, model, ema, opt=None):
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         if opt:
+            flags = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]  # built from the flags
             opt.load_state_dict(ckpt["opt"])
+            for g, f in zip(opt.param_groups, flags):  # the run's moments, the flags' hyperparameters (--beta2 ...)
+                g.update(f)
             torch.set_rng_state(ckpt["rng"][0])
             if len(ckpt["rng"]) > 1:  # the CUDA generators
                 torch.cuda.set_rng_state_all(ckpt["rng"][1:])
@@ -372,9 +404,10 @@ def saved_flags(p, args, path):
         raise UsageError(f"checkpoint {path} holds a bad flag: {e}")
     return argv
 
-def parse_args(parser, argv, quick, script):
+def parse_args(parser, argv, quick, script, weights=()):
     """-> (args, checkpoint or None). --quick swaps in the small recipe's defaults; --resume / --ckpt PATH brings every
-    flag of that run, checked as typed flags are (--out-dir: the checkpoint's folder); a flag named beside it wins."""
+    flag of that run, checked as typed flags are (--out-dir: the checkpoint's folder); a flag named beside it wins,
+    but for the flags `weights` (the model's shape and what its output means), which must keep the run's values."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = parser()
     p.set_defaults(**quick if p.parse_args(argv).quick else {})
@@ -387,6 +420,16 @@ def parse_args(parser, argv, quick, script):
     if ckpt:
         p.set_defaults(out_dir=os.path.dirname(path) or ".")
         a = p.parse_args(saved_flags(p, ckpt["args"], path) + argv)  # the flags named here come last: they win
+        if changed := [k for k in weights if k in ckpt["args"] and getattr(a, k) != ckpt["args"][k]]:
+            flag = "--" + changed[0].replace("_", "-")
+            raise UsageError(f"{flag} {getattr(a, changed[0])}: the weights of {path} were trained with {flag} "
+                             f"{ckpt['args'][changed[0]]}; start a new run to change it")
+        bare = parser()  # which flags this command line names
+        for act in bare._actions:
+            act.default = argparse.SUPPRESS
+        named = vars(bare.parse_args(argv))
+        if "epochs" in named and "max_steps" not in named:  # --epochs beside --resume sets the run's length
+            a.max_steps = 0
     if a.num_samples > MAX_SAMPLES:
         raise UsageError(f"argument --num-samples: must be <= {MAX_SAMPLES} (got {a.num_samples}): samples.npz is "
                          f"built in memory")
@@ -396,7 +439,7 @@ def alive(pid):
     """Whether a process with this PID exists (signal 0 only asks)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; a number no PID can be
         return False
     except PermissionError:  # another user's process
         return True
@@ -438,14 +481,18 @@ def claim_out_dir(a):
         raise UsageError(f"--out-dir {out} is not a writable folder")
     hold(out)
     ckpt = os.path.join(out, "ckpt.pt")
-    taken = os.path.exists(ckpt) and not a.sample_only  # samples may go beside a run
+    if a.sample_only and os.path.exists(ckpt) and not os.path.samefile(a.ckpt, ckpt):
+        raise UsageError(f"--out-dir {out} holds another run than --ckpt {a.ckpt}: its samples would be replaced; "
+                         f"choose another --out-dir, or the checkpoint's own folder")
+    taken = os.path.exists(ckpt) and not a.sample_only  # samples may go beside their own run
     if taken and not a.resume:
         raise UsageError(f"--out-dir {out} already holds a run: continue it with --resume {ckpt}, or remove it or "
                          f"choose another --out-dir to start over")
     if taken and not os.path.samefile(a.resume, ckpt):
         raise UsageError(f"--out-dir {out} holds another run than --resume {a.resume}: resume into the checkpoint's "
                          f"own folder, or choose an empty --out-dir")
+    ours = r"(ckpt\.pt|loss\.csv|loss\.png|samples\.npz|metrics\.csv|(grid|denoise|compare)_\w+\.(png|gif))"
     for name in os.listdir(out):  # ckpt.pt.tmpPID and the like, left by a kill -9: this run owns the folder now
-        if re.fullmatch(r".+\.tmp\d+", name):
+        if re.fullmatch(ours + r"\.tmp\d+", name):  # the scripts' own temp files only
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(out, name))

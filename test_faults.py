@@ -578,3 +578,217 @@ def test_bench_compare_takes_a_single_timed_step(capsys):
 def test_bench_names_an_unconditional_unet_s_sampling_unguided(capsys):
     assert harness.cli(bench.main, ["ddpm_unet", "--steps", "1", *BENCH["ddpm_unet"], *BENCH_RUN]) == 0
     assert "100 samples, unconditional, " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- round three: silent wrong results
+@SCRIPTS
+def test_optimiser_flags_beside_resume_act(name, trained, tmp_path):  # 1
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained[name], out / "ckpt.pt")
+    extra = ["--beta2", "0.5"] if name != "ddpm_unet" else []  # the UNet's AdamW keeps torch's betas
+    argv = ["--resume", str(out / "ckpt.pt"), "--max-steps", "3", "--weight-decay", "0.3", *extra]
+    assert run_main(MODS[name], argv) == 0
+    ck = load(out / "ckpt.pt")
+    (group,) = ck["opt"]["param_groups"]
+    assert group["weight_decay"] == 0.3 == ck["args"]["weight_decay"]
+    if extra:
+        assert tuple(group["betas"]) == (0.9, 0.5) and ck["args"]["beta2"] == 0.5
+    assert ck["step"] == 3 and ck["opt"]["state"]  # the moments came with the resume
+
+
+@SCRIPTS
+def test_epochs_beside_resume_set_the_length_of_a_run_trained_by_steps(name, trained, tmp_path, capsys):  # 2
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained[name], out / "ckpt.pt")  # trained with --max-steps 2; 16 steps an epoch
+    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt"), "--epochs", "2"]) == 0
+    assert "trained 30 steps" in capsys.readouterr().out
+    assert load(out / "ckpt.pt")["step"] == 32
+
+
+@SCRIPTS
+@pytest.mark.parametrize("mode", ["--resume", "--ckpt"])
+def test_a_weights_flag_other_than_the_checkpoints_is_refused(name, mode, trained, tmp_path, capsys):  # 3
+    flag, value = {"dit_ddpm": ("--num-heads", "4"), "dit_flow": ("--num-heads", "4"),
+                   "ddpm_unet": ("--schedule", "linear")}[name]  # the weights fit, their meaning does not
+    argv = [mode, trained[name], flag, value, "--out-dir", str(tmp_path / "o"), "--num-samples", "2"]
+    assert run_main(MODS[name], argv + ["--sample-only"] * (mode == "--ckpt")) == 2
+    one_line_error(capsys, f"{flag} {value}: the weights of {trained[name]} were trained with {flag}")
+    assert not (tmp_path / "o").exists()
+
+
+@SCRIPTS
+def test_sampling_never_writes_nan(name, trained, tmp_path, capsys, monkeypatch):  # 4
+    out = tmp_path / "o"
+    for flag in ("--sample-cfg", "--cfg-scales"):
+        argv = ["--sample-only", "--ckpt", trained[name], "--out-dir", str(out), flag, "1e39"]
+        assert run_main(MODS[name], argv) == 2
+        one_line_error(capsys, f"argument {flag}: must be >= 0 and < 1000 (got 1e39)")
+    real = MODS[name].write_npz
+
+    def overflowing(draw, *args, **kw):  # what a huge scale does: inf - inf
+        return real(lambda *a: (torch.full((len(a[0]), 1, 28, 28), float("nan")), []), *args, **kw)
+    monkeypatch.setattr(MODS[name], "write_npz", overflowing)
+    assert run_main(MODS[name], ["--sample-only", "--ckpt", trained[name], "--out-dir", str(out),
+                                 "--num-samples", "4"]) == 1
+    one_line_error(capsys, "samples are NaN/inf", "samples.npz is not written")
+    assert not (out / "samples.npz").exists()
+
+
+@pytest.mark.parametrize("name", ["dit_ddpm", "ddpm_unet"])
+def test_the_ancestral_samplers_eta_is_recorded_as_1(name, trained, tmp_path):  # 6
+    out = tmp_path / "o"
+    argv = ["--sample-only", "--ckpt", trained[name], "--out-dir", str(out), "--num-samples", "2", "--sampler", "ddpm",
+            "--eta", "0"]
+    assert run_main(MODS[name], argv) == 0
+    s = np.load(out / "samples.npz")
+    assert float(s["eta"]) == 1.0 and int(s["sample_steps"]) == 20  # all T = 20 steps, η = 1
+
+
+# ----------------------------------------------------------------------------- round three: files kept or redone
+def test_a_users_temp_like_file_stays(fake_mnist, tmp_path):  # 7
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.tmp2024").write_text("mine")
+    (out / "ckpt.pt.tmp4194305").write_bytes(b"partial")  # a killed run's: it goes
+    assert run_main(MODS["dit_ddpm"], tiny("dit_ddpm", fake_mnist, out, "--max-steps", "2")) == 0
+    assert (out / "notes.tmp2024").read_text() == "mine" and not (out / "ckpt.pt.tmp4194305").exists()
+
+
+@SCRIPTS
+def test_sample_only_into_another_runs_folder_is_refused(name, trained, tmp_path, capsys):  # 8
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ckpt.pt").write_bytes(b"another run")
+    (other / "samples.npz").write_bytes(b"its samples")
+    argv = ["--sample-only", "--ckpt", trained[name], "--out-dir", str(other), "--num-samples", "2"]
+    assert run_main(MODS[name], argv) == 2
+    one_line_error(capsys, f"--out-dir {other} holds another run than --ckpt {trained[name]}")
+    assert (other / "samples.npz").read_bytes() == b"its samples"
+
+
+def test_dit_flow_patterns_on_a_full_disk_leave_no_empty_file_and_name_it(tmp_path, capsys, monkeypatch):  # 9
+    real = Image.Image.save
+
+    def full_disk(img, f, *args, **kw):
+        if "compare_" in os.path.basename(getattr(f, "name", str(f))):
+            raise OSError(28, "No space left on device")
+        return real(img, f, *args, **kw)
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    out = tmp_path / "run"
+    argv = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--sample-steps", "2",
+            "--max-steps", "2", "--cfg-scales", "1", "--out-dir", str(out), "--device", "cpu"]
+    assert run_main(MODS["dit_flow"], argv) == 1
+    one_line_error(capsys, f"could not write {out / 'compare_e001.png'}", "No space left on device")
+    assert not (out / "compare_e001.png").exists() and no_temp_files(out)
+    monkeypatch.undo()
+    (out / "metrics.csv").mkdir()  # metrics.csv: a failed write names it
+    assert run_main(MODS["dit_flow"], ["--resume", str(out / "ckpt.pt"), "--max-steps", "3"]) == 1
+    one_line_error(capsys, f"could not write {out / 'metrics.csv'}")
+
+
+@SCRIPTS
+def test_a_resume_redoes_the_images_a_failed_write_lost(name, fake_mnist, tmp_path, capsys):  # 10
+    out = tmp_path / "run"
+    (out / "denoise_e002.gif").mkdir(parents=True)  # the GIF of epoch 2 cannot be written
+    assert run_main(MODS[name], tiny(name, fake_mnist, out, "--max-steps", "32")) == 1
+    assert load(out / "ckpt.pt")["step"] == 32 and (out / "denoise_e001.gif").is_file()
+    (out / "denoise_e002.gif").rmdir()
+    capsys.readouterr()
+    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt")]) == 0
+    assert "trained 0 steps" in capsys.readouterr().out
+    assert (out / "denoise_e002.gif").is_file() and (out / "grid_e002_cfg1.png").is_file()
+
+
+@SCRIPTS
+def test_a_refused_resume_from_elsewhere_creates_no_data_folder(name, trained, tmp_path, capsys, monkeypatch):  # 11
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained[name], out / "ckpt.pt")
+    with_default_data = with_flag(load(out / "ckpt.pt"), "data_dir", "./data")
+    torch.save(with_default_data, out / "ckpt.pt")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert run_main(MODS[name], ["--resume", str(out / "ckpt.pt"), "--max-steps", "3"]) == 2
+    one_line_error(capsys, "not found in ./data")
+    assert os.listdir(elsewhere) == []
+
+
+# ----------------------------------------------------------------------------- round three: one line, not a traceback
+@pytest.mark.parametrize("length", [["--max-steps", "4"], ["--epochs", "1"]])
+def test_dit_flow_patterns_with_a_batch_larger_than_the_set(length, tmp_path, capsys):  # 12
+    argv = ["--hidden-size", "32", "--depth", "1", "--num-heads", "2", "--patch-size", "4", "--batch-size", "4000",
+            "--out-dir", str(tmp_path / "o"), "--device", "cpu", *length]
+    assert run_main(MODS["dit_flow"], argv) == 2
+    one_line_error(capsys, "2000 training images are fewer than a step's 4000 x 1 process(es)")
+
+
+@pytest.mark.parametrize("pid", ["2147483648", "9" * 20, "-5"])
+def test_a_lock_holding_no_possible_pid_is_stale(pid, trained, tmp_path, capsys):  # 13
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(trained["dit_ddpm"], out / "ckpt.pt")
+    (out / ".lock").write_text(pid)
+    code = run_main(MODS["dit_ddpm"], ["--resume", str(out / "ckpt.pt"), "--max-steps", "3"])
+    if pid == "-5":  # not a PID: refused in one line, as an unreadable lock is
+        assert code == 2
+        one_line_error(capsys, "is in use by a running run")
+    else:
+        assert code == 0 and load(out / "ckpt.pt")["step"] == 3 and not (out / ".lock").exists()
+
+
+def test_the_printed_resume_command_works_for_a_folder_named_like_a_flag(fake_mnist, tmp_path):  # 14
+    argv = [f if f != "X" else "--out-dir=-dash2" for f in tiny("dit_ddpm", fake_mnist, "X", "--epochs", "3",
+                                                                "--max-steps", "40") if f != "--out-dir"]
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "dit_ddpm.py"), *argv],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("epoch 1/3 step 3/40"):
+            break
+    p.send_signal(signal.SIGTERM)
+    rest, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    cmd = rest.strip().splitlines()[-1].strip()
+    assert cmd == "python dit_ddpm.py --resume=-dash2/ckpt.pt"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "dit_ddpm.py"), *cmd.split()[2:]], capture_output=True,
+                       text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "-dash2" / "ckpt.pt")["step"] == 40
+
+
+def test_torchrun_a_stop_saves_within_10_steps_whatever_log_every(fake_mnist, tmp_path):  # 15
+    """SIGTERM to one rank: every rank stops at the same step within 10 (a 4000-step --log-every would let torchrun's
+    30 s grace run out), rank 0 saves and prints the resume line, and no lock stays. torchrun then reports the
+    signalled rank as failed, its own way."""
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv = tiny("dit_ddpm", fake_mnist, out, "--max-steps", "100000", "--log-every", "4000")
+    p = subprocess.Popen([*torchrun, "dit_ddpm.py", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=HERE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in p.stdout:
+        if line.startswith("training "):
+            break
+    while not (out / "ckpt.pt").exists():  # the first epoch's checkpoint: both ranks are in the loop
+        assert p.poll() is None
+    ranks = [int(c) for c in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+    os.kill(ranks[-1], signal.SIGTERM)
+    rest, err = p.communicate(timeout=120)
+    assert "resume with:" in rest and "torchrun --nproc_per_node=2 dit_ddpm.py --resume=" in rest, err[-2000:]
+    step = load(out / "ckpt.pt")["step"]
+    assert 0 < step < 100000 and step % 10 == 0 and not (out / ".lock").exists()
+
+
+@pytest.mark.parametrize("name, flags, words", [
+    ("dit_ddpm", ["--hidden-size", "1048576", "--num-heads", "4"], "does not fit in the memory of cpu"),
+    ("ddpm_unet", ["--base-channels", "65536"], "does not fit in the memory of cpu"),
+    ("dit_ddpm", ["--timesteps", "2e9"], "--timesteps: invalid int value"),
+    ("dit_ddpm", ["--timesteps", "2000000000"], "--timesteps: must be >= 1 and < 100001"),
+    ("dit_flow", ["--sample-steps", "2000000000"], "--sample-steps: must be >= 1 and < 100001"),
+])
+def test_sizes_that_cannot_fit_are_refused_before_training(name, flags, words, fake_mnist, tmp_path, capsys):  # 18
+    assert run_main(MODS[name], tiny(name, fake_mnist, tmp_path / "o", *flags)) == 2
+    one_line_error(capsys, words)
+    assert not (tmp_path / "o").exists()

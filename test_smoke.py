@@ -251,7 +251,7 @@ def test_flags_beside_resume_win_and_other_weights_are_one_line(name, trained, t
     assert ck["step"] == 3 and ck["args"]["lr"] == 1e-5  # the flags given
     assert ck["args"]["batch_size"] == 16  # the rest: the run's
     assert run_main(MODS[name], ["--sample-only", "--ckpt", trained[name], SIZE[name], "64"]) == 2
-    one_line_error(capsys, "does not fit this model")
+    one_line_error(capsys, f"{SIZE[name]} 64: the weights of {trained[name]} were trained with {SIZE[name]}")
 
 
 def full_disk_on_call(n, real):
