@@ -1,13 +1,14 @@
 """CPU minutes to sample quality: each script's --quick recipe scaled by steps to a budget in minutes, 1000 samples
 from each run scored by evaluate.py. Writes curve.csv (one row a run) and curve.png (FID and class accuracy against
-training minutes, one line a script). Run it on a quiet machine: the budgets are wall time.
+the budget, one line a script). Time the rates on a quiet machine: they turn the budgets into steps.
 
     python curve.py --data-dir ../shared/data                                  # 1, 2, 5, 10 min, all three scripts
     python curve.py --data-dir ../shared/data --minutes 2 --scripts dit_ddpm   # one point
     python curve.py --plot-only --out-dir runs/curve                           # redraw curve.png from curve.csv
 
 The steps for a budget come from the training rate, timed first on the script's own quick model (training steps on
-random data); the minutes plotted are the ones each run measured. A point is the script's run in
+random data); the plot puts each point at its budget, and curve.csv also holds the time each run measured (its
+checkpoints and grids included, and whatever else ran beside it). A point is the script's run in
 OUT/SCRIPT_Mmin (its checkpoint, grids, samples.npz, samples.eval.json, and curve.log: what the run printed).
 
 What is promised:
@@ -298,13 +299,13 @@ def label(v):
 
 
 def plot(rows, path, w=960, h=420):
-    """Two panels, FID and class accuracy (%, at most 100) against the measured training minutes, one line a script,
+    """Two panels, FID and class accuracy (%, at most 100) against the training budget in minutes, one line a script,
     labelled axes with numeric ticks and a legend; -> the ticks drawn: {"minutes", "fid", "class_accuracy"}."""
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     small, big = font(12), font(14)
     scripts = [s for s in SCRIPTS if any(r["script"] == s for r in rows)]
-    minutes = [r["train_seconds"] / 60 for r in rows]
+    minutes = [r["minutes_asked"] for r in rows]
     xt = ticks(0, max(minutes))
     drawn = {"minutes": xt}
     panels = [("FID (lower is better)", "FID", "fid"), ("class accuracy (higher is better)", "class accuracy %",
@@ -332,10 +333,10 @@ def plot(rows, path, w=960, h=420):
             draw.line([(x, bottom), (x, bottom + 5)], fill="black")
             draw.text((x, bottom + 8), label(t), fill="black", font=small, anchor="ma")
         draw.rectangle([left, top, right, bottom], outline="black")
-        draw.text(((left + right) // 2, h - 22), "training minutes (measured)", fill="black", font=small, anchor="ma")
+        draw.text(((left + right) // 2, h - 22), "training budget (CPU minutes)", fill="black", font=small, anchor="ma")
         vertical(img, axis, x0 + 6, (top + bottom) // 2, small)
         for script in scripts:
-            pts = sorted((r["train_seconds"] / 60, v) for r, v in zip(rows, values) if r["script"] == script)
+            pts = sorted((r["minutes_asked"], v) for r, v in zip(rows, values) if r["script"] == script)
             xy = [(sx(m), sy(v)) for m, v in pts]
             if len(xy) > 1:
                 draw.line(xy, fill=COLOURS[script], width=2)

@@ -52,7 +52,7 @@ def test_plot_only_draws_every_script_from_the_csv(tmp_path, capsys):
 def test_plot_ticks_are_numbers_spanning_the_data_and_accuracy_ends_at_100(tmp_path):
     rows = [{k: (v if k == "script" else float(v)) for k, v in r.items()} for r in three_lines()]
     drawn = curve.plot(rows, str(tmp_path / "c.png"))
-    assert drawn["minutes"][0] == 0 and drawn["minutes"][-1] >= 607 / 60
+    assert drawn["minutes"][0] == 0 and drawn["minutes"][-1] >= 10  # the largest budget
     assert drawn["fid"][0] == 0 and drawn["fid"][-1] >= 80
     acc = drawn["class_accuracy"]
     assert acc[-1] == 100 and acc[0] <= 100 * min(r["class_accuracy"] for r in rows)
