@@ -194,7 +194,7 @@ class Run:
                  f"steps {self.step}..{self.total}, {self.dev}, amp {a.amp}")
         self.start, self.t_start = self.step, time.time()
         self.s0, self.t0 = self.step, time.time()  # img/s and the ETA count training steps only
-        if self.rank == 0 and self.step and not os.path.exists(f"{a.out_dir}/denoise_{self.tag()}.gif"):
+        if self.rank == 0 and self.step and self.tag() and not os.path.exists(f"{a.out_dir}/denoise_{self.tag()}.gif"):
             self.outputs(self.tag())  # the images of the epoch the run stopped at, lost to a failed write
         with stop_signals() as self.stop:
             while self.step < self.total and not self.halt:
