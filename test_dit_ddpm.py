@@ -223,3 +223,12 @@ def test_tiny_dit_overfits_64_images():
         losses.append(loss.item())
     assert abs(losses[0] - 1.0) < 0.05  # zero output: the loss starts at E[ε²] = 1
     assert np.mean(losses[-20:]) < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("kw", [{"hidden_size": 34, "num_heads": 2}, {"hidden_size": 32, "num_heads": 3},
+                                {"patch_size": 5}])
+def test_sizes_the_model_cannot_take_are_refused_when_it_is_built(kw):
+    """The 2-D position table takes 4 channels a frequency and the heads split the width: a width that is not a multiple
+    of both, or a patch that does not divide the image, fails at once rather than at the first forward."""
+    with pytest.raises(ValueError, match="multiple of 4 and of num_heads"):
+        dit_ddpm.DiT(28, 1, 10, **{"hidden_size": 32, "depth": 1, "num_heads": 2, **kw})
